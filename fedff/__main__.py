@@ -1,0 +1,3 @@
+from fedff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Run configuration: dataclasses, TOML files, named configs and `key=value` overrides.
+
+A config is plain data so it can travel: it is written next to every checkpoint, sent to
+remote layer workers and to federation clients. Every value is validated here, once, so
+the engine can trust what it receives and a user learns about a typo before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message names the problem and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits (embedded) | mnist | fashion-mnist
+    data_dir: str = ""  # "" -> $FEDFF_DATA_DIR, then the download cache
+    download: bool = False  # fetch missing files from the public mirrors into the cache
+    train_limit: int = 0  # use only the first N training examples (0 = all)
+    test_limit: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """Each layer's own optimiser: SGD with momentum and weight decay.
+
+    torch's convention: `lr` multiplies the momentum buffer, so with dampening 0 the
+    steady-state step is lr / (1 - momentum) times the gradient. dampening = 1 - momentum
+    gives the reference code's smoothed gradient at the same lr. The defaults were chosen
+    on MNIST 3 x 1000 (2-epoch sweep of lr in 2.5e-4..1e-2, see the engine's notes).
+    """
+
+    lr: float = 0.0005
+    momentum: float = 0.9
+    dampening: float = 0.0
+    weight_decay: float = 0.0003
+    schedule: str = "half-constant-linear"  # | constant
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])
+    objective: str = "hinton"  # hinton: positives have high goodness | low: the opposite
+    threshold_scale: float = 1.0  # theta = threshold_scale * units in the layer
+    temperature: float = 1.0
+    peer_norm: float = 0.03
+    peer_momentum: float = 0.9
+    collaboration: str = "none"  # none | earlier (gamma_<k) | all (gamma_{t != k})
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "supervised"  # supervised (label overlay) | unsupervised (hybrid images)
+    negatives: str = "hard"  # supervised: random | hard; unsupervised: hybrid
+    epochs: int = 100
+    batch_size: int = 100
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    hybrid_blur_steps: int = 10
+    label_strength: float = 1.0  # value written into the one-hot label pixels
+    eval_every: int = 1  # evaluate on the test set every N epochs (and always at the end)
+    classify: str = "goodness"  # the reported test_error: goodness (per label) | head
+
+
+@dataclass
+class HeadConfig:
+    """The linear softmax head read on normalised activities (neutral-label pass)."""
+
+    layers: list[int] = field(default_factory=list)  # [] -> hidden layers >= 2 (sup.) / last 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.003
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("digits", "mnist", "fashion-mnist"),
+    "optim.schedule": ("half-constant-linear", "constant"),
+    "model.objective": ("hinton", "low"),
+    "model.collaboration": ("none", "earlier", "all"),
+    "train.algorithm": ("supervised", "unsupervised"),
+    "train.negatives": ("random", "hard", "hybrid"),
+    "train.device": ("cpu", "cuda", "auto"),
+    "train.classify": ("goodness", "head"),
+}
+POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", "head.lr",
+            "model.temperature", "model.threshold_scale")
+NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.hybrid_blur_steps",
+                "optim.weight_decay", "head.weight_decay", "model.peer_norm")
+UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum")
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: f.type for f in fields(Config) if f.name != "name"}
+
+
+def _fail_unknown(key: str, known: list[str]) -> None:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(known)}"
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def all_keys() -> list[str]:
+    keys = ["name"]
+    for section in fields(Config):
+        if section.name == "name":
+            continue
+        keys += [f"{section.name}.{f.name}" for f in fields(section.default_factory())]
+    return keys
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Converts a TOML or command-line value to the type of the field's default."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        try:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(default, float):
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(default, list):
+        items = value
+        if isinstance(value, str):
+            items = [v for v in value.strip("[]").split(",") if v.strip()]
+        try:
+            return [int(v) for v in items]
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(default, str):
+        return str(value)
+    kinds = {bool: "true or false", int: "an integer", float: "a number", list: "a list of "
+             "integers such as 1000,1000", str: "a string"}
+    raise ConfigError(f"config key '{key}' must be {kinds[type(default)]}, got {value!r}")
+
+
+def apply(cfg: Config, key: str, value: Any) -> None:
+    """Sets `section.field` on cfg, converting and checking the value."""
+    if key == "name":
+        cfg.name = str(value)
+        return
+    section_name, _, field_name = key.partition(".")
+    known = all_keys()
+    if key not in known:
+        _fail_unknown(key, known)
+    section = getattr(cfg, section_name)
+    setattr(section, field_name, _coerce(key, value, getattr(section, field_name)))
+
+
+def merge(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if full not in _section_types():
+                _fail_unknown(full, list(_section_types()))
+            merge(cfg, value, prefix=f"{full}.")
+        else:
+            apply(cfg, full, value)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks ranges and combinations; raises ConfigError naming the key and the fix."""
+    def get(key: str) -> Any:
+        section, _, name = key.partition(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            raise ConfigError(f"config key '{key}' = {get(key)!r} is not valid; "
+                              f"choose one of: {', '.join(allowed)}")
+    for key in POSITIVE:
+        if not get(key) > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get(key)!r}")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get(key)!r}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= get(key) < 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {get(key)!r}")
+    if not cfg.model.hidden or min(cfg.model.hidden) <= 0:
+        raise ConfigError(f"config key 'model.hidden' needs one or more positive layer widths, "
+                          f"got {cfg.model.hidden!r}; e.g. --set model.hidden=1000,1000,1000")
+    sup = cfg.train.algorithm == "supervised"
+    if sup and cfg.train.negatives == "hybrid":
+        raise ConfigError("train.negatives = 'hybrid' needs train.algorithm = 'unsupervised'; "
+                          "use random or hard for supervised FF")
+    if not sup and cfg.train.negatives != "hybrid":
+        raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images; "
+                          f"set train.negatives = 'hybrid' (got {cfg.train.negatives!r})")
+    if not sup and cfg.train.classify != "head":
+        raise ConfigError("unsupervised FF has no label overlay to score per label; "
+                          "set train.classify = 'head'")
+    n = len(cfg.model.hidden)
+    bad = [i for i in cfg.head.layers if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"config key 'head.layers' has layer indices {bad} outside 0..{n - 1} "
+                          f"(indices count hidden layers from 0)")
+    return cfg
+
+
+def named_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("fedff.configs").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Builds a Config from a named config or a TOML path, then `key=value` overrides."""
+    cfg = Config()
+    if name_or_path:
+        path = Path(name_or_path)
+        if path.suffix == ".toml" or path.exists():
+            if not path.is_file():
+                raise ConfigError(f"config file '{path}' does not exist; give a TOML file path "
+                                  f"or one of the named configs: {', '.join(named_configs())}")
+            text = path.read_text()
+        elif name_or_path in named_configs():
+            text = resources.files("fedff.configs").joinpath(f"{name_or_path}.toml").read_text()
+        else:
+            raise ConfigError(f"unknown config '{name_or_path}'; named configs: "
+                              f"{', '.join(named_configs())} (or give a .toml path)")
+        try:
+            tree = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config '{name_or_path}' is not valid TOML: {err}") from err
+        cfg.name = path.stem if path.suffix == ".toml" else name_or_path
+        merge(cfg, tree)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' must look like key=value, "
+                              f"e.g. --set train.epochs=10")
+        apply(cfg, key.strip(), value.strip())
+    return validate(cfg)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    cfg = Config()
+    merge(cfg, tree)
+    return validate(cfg)

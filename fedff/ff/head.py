@@ -1,0 +1,55 @@
+"""The linear softmax head read on normalised hidden activities.
+
+It is trained on detached activities with its own optimiser, so like an FF layer it is
+a local learner: it never sends a gradient into the layers it reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedff.config import HeadConfig
+from fedff.ff.layer import snapshot
+
+
+class LinearHead:
+    def __init__(self, in_features: int, num_classes: int, config: HeadConfig,
+                 device: str | torch.device = "cpu"):
+        self.config = config
+        self.linear = nn.Linear(in_features, num_classes, bias=False).to(device)
+        nn.init.zeros_(self.linear.weight)
+        self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=config.lr,
+                                         momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+
+    def set_lr_factor(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor
+
+    def train_step(self, features: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One step on (features, labels); returns the pre-update probabilities."""
+        logits = self.linear(features.detach())
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        probs = logits.detach().softmax(dim=-1)
+        acc = float((probs.argmax(dim=-1) == labels).float().mean())
+        return probs, {"head_loss": float(loss.detach()), "head_accuracy": acc}
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"linear": snapshot(self.linear.state_dict()),
+                "optimizer": snapshot(self.optimizer.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.linear.load_state_dict(state["linear"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,71 @@
+"""Positive and negative data for Forward-Forward (Hinton 2022, sections 3.2-3.3).
+
+Supervised FF writes the label one-hot into the first `num_classes` pixels: the true
+label makes a positive, a wrong one a negative. Wrong labels are drawn uniformly, or
+("hard") in proportion to the model's own predicted probabilities, which spends the
+negatives on the confusions the model actually makes. Unsupervised FF mixes two real
+images with a large-blob mask, so negatives share short-range statistics with real data
+and differ only in long-range shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def overlay(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+            strength: float = 1.0) -> torch.Tensor:
+    """Replaces the first `num_classes` features with a one-hot of `labels`."""
+    out = x.clone()
+    out[:, :num_classes] = F.one_hot(labels, num_classes).to(x.dtype) * strength
+    return out
+
+
+def neutral(x: torch.Tensor, num_classes: int, strength: float = 1.0) -> torch.Tensor:
+    """The neutral-label input used for one-pass classification: 1/C in every label pixel."""
+    out = x.clone()
+    out[:, :num_classes] = strength / num_classes
+    return out
+
+
+def random_wrong_labels(labels: torch.Tensor, num_classes: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniformly drawn label different from each true label."""
+    shift = torch.randint(1, num_classes, labels.shape, generator=generator,
+                          device=labels.device)
+    return (labels + shift) % num_classes
+
+
+def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """A wrong label sampled in proportion to the model's predicted probability."""
+    p = probs.detach().clone().float()
+    p.scatter_(1, labels.view(-1, 1), 0.0)
+    p = p + 1e-12  # a confident, correct model still yields a valid distribution
+    p.scatter_(1, labels.view(-1, 1), 0.0)
+    return torch.multinomial(p, 1, generator=generator).view(-1)
+
+
+def blob_masks(n: int, shape: tuple[int, int], blur_steps: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Masks with large regions of ones and zeros: a random binary image blurred
+    `blur_steps` times with [1/4, 1/2, 1/4] in both directions, thresholded at 0.5."""
+    h, w = shape
+    m = torch.randint(0, 2, (n, 1, h, w), generator=generator).float()
+    k = torch.tensor([0.25, 0.5, 0.25])
+    kh, kw = k.view(1, 1, 1, 3), k.view(1, 1, 3, 1)
+    for _ in range(blur_steps):
+        m = F.conv2d(F.pad(m, (1, 1, 0, 0), mode="replicate"), kh)
+        m = F.conv2d(F.pad(m, (0, 0, 1, 1), mode="replicate"), kw)
+    return (m > 0.5).float().view(n, h * w)
+
+
+def hybrid_images(x: torch.Tensor, image_shape: tuple[int, int], blur_steps: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mixes each image with a different image of the batch through a blob mask."""
+    n = x.shape[0]
+    shift = int(torch.randint(1, max(2, n), (1,), generator=generator))
+    partner = x.roll(shift, dims=0)
+    mask = blob_masks(n, image_shape, blur_steps, generator).to(x.device)
+    return mask * x + (1 - mask) * partner

@@ -1,0 +1,66 @@
+"""Run outputs a person or a script reads: metrics as JSON and CSV, a learning-curve plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes atomically, so a crash mid-write never leaves half a file behind."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            flat.update({f"{name}.{i}": v for i, v in enumerate(value)})
+        else:
+            flat[name] = value
+    return flat
+
+
+def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    rows = [_flatten(r) for r in records]
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Test error (%) per epoch for every classifier evaluated, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [r for r in history if "test_error" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("test_error", "reported"), ("error_goodness", "goodness"),
+                       ("error_head", "softmax head")):
+        pts = [(r["epoch"], 100 * r[key]) for r in evaluated if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label,
+                    linestyle="-" if key == "test_error" else "--")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""The training job behind `fedff train`: epochs, progress, evaluation, outputs.
+
+Outputs in the run directory: metrics.json (summary + per-epoch history), metrics.csv
+(the same history), checkpoint.pt (network state after the last finished epoch, enough
+to resume or to score with `fedff eval`) and learning_curve.png.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fedff.config import Config, ConfigError
+from fedff.data.datasets import Dataset, load_dataset
+from fedff.ff.evaluate import evaluate
+from fedff.ff.network import FFNetwork, InputSpec
+from fedff.report import plot_learning_curve, write_csv, write_json
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device; "
+                          "use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux), falling back to the peak elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_data(cfg: Config) -> Dataset:
+    d = cfg.data
+    return load_dataset(d.dataset, d.data_dir or None, d.download, d.train_limit, d.test_limit)
+
+
+def build_network(cfg: Config, ds: Dataset, device: torch.device) -> FFNetwork:
+    torch.manual_seed(cfg.train.seed)
+    return FFNetwork(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes), device)
+
+
+def test_metrics(net: FFNetwork, ds: Dataset) -> dict[str, Any]:
+    result = evaluate(net, ds.test_x, ds.test_y)
+    key = "error_goodness" if net.cfg.train.classify == "goodness" else "error_head"
+    return {"test_error": result[key], **result}
+
+
+@dataclass
+class Progress:
+    """Running means of a batch's scalar metrics, without keeping per-batch values."""
+
+    sums: dict[str, float]
+    count: int = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+
+def train_epoch(net: FFNetwork, ds: Dataset, epoch: int, show: bool) -> dict[str, float]:
+    t = net.cfg.train
+    net.set_epoch(epoch)
+    order = torch.randperm(ds.train_x.shape[0], generator=net.generator)
+    batches = order.split(t.batch_size)
+    progress = Progress({})
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
+               disable=not show, dynamic_ncols=True)
+    for idx in bar:
+        progress.add(net.train_batch(ds.train_x[idx], ds.train_y[idx]))
+    return progress.means()
+
+
+def run(cfg: Config, out_dir: Path, show_progress: bool = True,
+        resume: bool = False) -> dict[str, Any]:
+    """Trains cfg, writing outputs to out_dir after every epoch; returns metrics.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ds = load_data(cfg)
+    net = build_network(cfg, ds, device)
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    if resume and (out_dir / CHECKPOINT).exists():
+        saved = torch.load(out_dir / CHECKPOINT, weights_only=False)
+        net.load_state_dict(saved["network"])
+        history, train_seconds = saved["history"], saved["train_seconds"]
+    epochs = cfg.train.epochs
+    summary: dict[str, Any] = {}
+    outer = tqdm(range(net.epoch, epochs), desc=cfg.name, unit="epoch", initial=net.epoch,
+                 total=epochs, disable=not show_progress, dynamic_ncols=True)
+    for epoch in outer:
+        start = time.perf_counter()
+        train = train_epoch(net, ds, epoch, show_progress)
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        record: dict[str, Any] = {"epoch": epoch + 1, "epoch_seconds": seconds,
+                                  "train_seconds": train_seconds,
+                                  "samples_per_s": ds.train_x.shape[0] / seconds,
+                                  "rss_mb": rss_mb(), "train": train}
+        last = epoch + 1 == epochs
+        if last or (epoch + 1) % cfg.train.eval_every == 0:
+            record.update(test_metrics(net, ds))
+            outer.set_postfix(test_error=f"{100 * record['test_error']:.2f}%")
+        history.append(record)
+        net.epoch = epoch + 1
+        torch.save({"network": net.state_dict(), "history": history,
+                    "train_seconds": train_seconds}, out_dir / "checkpoint.pt.tmp")
+        (out_dir / "checkpoint.pt.tmp").replace(out_dir / CHECKPOINT)
+        summary = summarize(cfg, ds, device, history, train_seconds)
+        write_json(out_dir / "metrics.json", summary)
+        write_csv(out_dir / "metrics.csv", history)
+    if history:
+        plot_learning_curve(history, out_dir / "learning_curve.png",
+                            f"{cfg.name} ({ds.name})")
+    return summary
+
+
+def summarize(cfg: Config, ds: Dataset, device: torch.device, history: list[dict[str, Any]],
+              train_seconds: float) -> dict[str, Any]:
+    evaluated = [r for r in history if "test_error" in r]
+    final = evaluated[-1] if evaluated else {}
+    return {
+        "config": cfg.to_dict(),
+        "dataset": ds.name,
+        "train_examples": int(ds.train_x.shape[0]),
+        "test_examples": int(ds.test_x.shape[0]),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "epochs": len(history),
+        "train_seconds": train_seconds,
+        "test_error": final.get("test_error"),
+        "error_head": final.get("error_head"),
+        "error_goodness": final.get("error_goodness"),
+        "layer_errors": final.get("layer_errors"),
+        "peak_rss_mb": peak_rss_mb(),
+        "history": history,
+    }

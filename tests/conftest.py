@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+# One thread: the test networks are too small to gain from more, and a second process
+# (a CLI test, a background run) would otherwise fight over the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The real MNIST / Fashion-MNIST folder, from FEDFF_DATA_DIR; skips when absent."""
+    root = os.environ.get("FEDFF_DATA_DIR")
+    if not root or not (Path(root) / "mnist" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("real data not present: set FEDFF_DATA_DIR to a folder with mnist/")
+    return Path(root)

@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedff.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedff", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_writes_every_output_and_eval_reproduces_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--set", "train.epochs=3", "--set", "model.hidden=100,100",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["train_seconds"] > 0
+    assert 0 <= metrics["test_error"] < 0.5
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and "test_error" in csv_lines[0]
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["eval", str(out / "checkpoint.pt")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["test_error"] == pytest.approx(metrics["test_error"])
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["--set", "model.hidden=50,50", "--out", out, "--quiet"]
+    assert main(["train", "--set", "train.epochs=2", *common]) == 0
+    assert main(["train", "--set", "train.epochs=3", "--resume", *common]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--set", "train.epoch=2"], "unknown config key 'train.epoch' (did you mean"),
+    (["train", "--set", "train.batch_size=-1"], "'train.batch_size' must be > 0"),
+    (["train", "--config", "mnist-ff-3x1000", "--data-dir", "/nonexistent"],
+     "not found (looked in /nonexistent/mnist"),
+    (["eval", "/nonexistent/checkpoint.pt"], "checkpoint /nonexistent/checkpoint.pt not found"),
+])
+def test_bad_input_is_one_line_naming_problem_and_fix(args, message, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDFF_DATA_DIR", raising=False)
+    monkeypatch.setenv("FEDFF_CACHE_DIR", str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "fedff", *args, "--quiet"]
+                            if args[0] == "train" else [sys.executable, "-m", "fedff", *args],
+                            capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "FEDFF_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedff: error: ")
+    assert message in lines[0]
+
+
+def test_help_documents_every_option():
+    for command, options in {"train": ["--config", "--set", "--data-dir", "--out", "--device",
+                                       "--resume", "--threads"],
+                             "eval": ["--data-dir", "--device", "--out"]}.items():
+        text = run_cli(command, "--help").stdout
+        for option in options:
+            assert option in text
+
+
+def test_configs_lists_named_configs_and_keys(capsys):
+    assert main(["configs"]) == 0
+    assert "mnist-ff-3x1000" in capsys.readouterr().out
+    assert main(["configs", "--keys"]) == 0
+    assert "train.epochs = 100" in capsys.readouterr().out

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from fedff.config import OptimConfig
+from fedff.ff.layer import FFLayer, LayerBatch, LayerConfig, ShapeError
+
+
+def make_layer(**kw) -> FFLayer:
+    cfg = LayerConfig(in_features=20, out_features=16, seed=1,
+                      optim=OptimConfig(lr=0.01, dampening=0.0, weight_decay=3e-4), **kw)
+    return FFLayer(cfg)
+
+
+def separable_batch(seed: int, n: int = 64) -> LayerBatch:
+    """Positives live in the first half of the features, negatives in the second."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(n, 20, generator=g) * torch.cat([torch.ones(10), torch.zeros(10)])
+    negs = torch.rand(n, 20, generator=g) * torch.cat([torch.zeros(10), torch.ones(10)])
+    return LayerBatch(torch.cat([pos, negs]), n_pos=n)
+
+
+def test_output_is_detached_and_rms_normalised():
+    layer = make_layer()
+    batch = separable_batch(0)
+    batch.x.requires_grad_(True)
+    result = layer.train_step(batch)
+    assert batch.x.grad is None  # no gradient crosses the layer boundary
+    assert not result.out.requires_grad and not result.score.requires_grad
+    rms = result.out.pow(2).mean(1).sqrt()
+    alive = rms > 0
+    assert torch.allclose(rms[alive], torch.ones(int(alive.sum())), atol=1e-4)
+    assert result.out.shape == (128, 16) and result.score.shape == (128,)
+
+
+@pytest.mark.parametrize("objective", ["hinton", "low"])
+def test_layer_learns_to_separate(objective):
+    layer = make_layer(objective=objective)
+    for step in range(150):
+        metrics = layer.train_step(separable_batch(step)).metrics
+    assert metrics["ff_accuracy"] > 0.95
+    test = separable_batch(10_000)
+    g = layer.objective.goodness(torch.relu(layer._pre_act(test.x))).detach()
+    pos_high = g[:64].mean() > g[64:].mean()
+    assert pos_high == (objective == "hinton")
+
+
+def test_state_round_trips_exactly():
+    a = make_layer(peer_norm=0.03)
+    for step in range(5):
+        a.train_step(separable_batch(step))
+    a.set_epoch(3)
+    b = FFLayer.from_state(a.state_dict())
+    assert b.config == a.config and b.steps == a.steps and b.epoch == a.epoch
+    for step in range(5, 8):  # identical futures: weights, momentum buffers, running stats
+        ra, rb = a.train_step(separable_batch(step)), b.train_step(separable_batch(step))
+        assert torch.equal(ra.out, rb.out)
+    for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert torch.equal(a.peer_mean, b.peer_mean)
+
+
+def test_state_is_a_snapshot():
+    layer = make_layer()
+    state = layer.state_dict()
+    before = state["module"]["weight"].clone()
+    layer.train_step(separable_batch(0))
+    assert torch.equal(state["module"]["weight"], before)
+
+
+def test_state_of_another_shape_is_refused():
+    other = FFLayer(LayerConfig(in_features=5, out_features=3))
+    with pytest.raises(ShapeError, match="5->3 layer, this layer is 20->16"):
+        make_layer().load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("x,message", [
+    (torch.rand(8, 21), r"shape \[batch, 20\], got \[8, 21\]"),
+    (torch.rand(8, 4, 5), r"shape \[batch, 20\], got \[8, 4, 5\]"),
+    (torch.ones(8, 20, dtype=torch.int64), "floating-point"),
+    (torch.rand(0, 20), "empty"),
+])
+def test_wrong_input_is_refused_with_the_expected_shape(x, message):
+    with pytest.raises(ShapeError, match=message):
+        make_layer().train_step(LayerBatch(x, n_pos=max(1, x.shape[0] // 2)))
+
+
+def test_bad_gamma_and_n_pos_are_refused():
+    layer = make_layer()
+    with pytest.raises(ShapeError, match=r"one score per sample, shape \[128\]"):
+        layer.train_step(LayerBatch(separable_batch(0).x, 64, gamma=torch.zeros(3)))
+    with pytest.raises(ShapeError, match="n_pos must be in 1..128"):
+        layer.train_step(LayerBatch(separable_batch(0).x, 0))
+
+
+def test_gamma_changes_the_update():
+    """Collaborative FF: the same batch with another gamma gives another update."""
+    a, b = make_layer(), make_layer()
+    batch = separable_batch(0)
+    a.train_step(batch)
+    b.train_step(LayerBatch(batch.x, batch.n_pos, gamma=torch.full((128,), 5.0)))
+    assert not torch.equal(a.module.weight, b.module.weight)
+
+
+def test_schedule_halves_then_decays_to_near_zero():
+    layer = make_layer()
+    layer.config.epochs = 10
+    lrs = []
+    for e in range(10):
+        layer.set_epoch(e)
+        lrs.append(layer.optimizer.param_groups[0]["lr"])
+    assert lrs[:5] == [0.01] * 5
+    assert all(x > y for x, y in zip(lrs[5:], lrs[6:]))
+    assert lrs[-1] == pytest.approx(0.002)

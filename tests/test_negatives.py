@@ -1,0 +1,55 @@
+import torch
+
+from fedff.ff import negatives as neg
+
+
+def test_overlay_and_neutral_write_only_label_pixels():
+    x = torch.rand(4, 20)
+    labels = torch.tensor([0, 3, 9, 5])
+    out = neg.overlay(x, labels, 10)
+    assert torch.equal(out[:, 10:], x[:, 10:])
+    assert torch.equal(out[:, :10].argmax(1), labels)
+    assert torch.equal(out[:, :10].sum(1), torch.ones(4))
+    assert torch.allclose(neg.neutral(x, 10)[:, :10], torch.full((4, 10), 0.1))
+
+
+def test_random_wrong_labels_are_wrong_and_cover_all_others():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.full((5000,), 4)
+    wrong = neg.random_wrong_labels(labels, 10, g)
+    assert not (wrong == 4).any()
+    assert set(wrong.tolist()) == set(range(10)) - {4}
+
+
+def test_hard_wrong_labels_follow_the_model():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2] * 300)
+    probs = torch.zeros(900, 10)
+    probs[:, 7] = 0.3  # the confusion the model makes
+    probs[torch.arange(900), labels] = 0.7  # the true label is never drawn
+    wrong = neg.hard_wrong_labels(labels, probs, g)
+    assert (wrong == 7).all()
+    probs = torch.nn.functional.one_hot(labels, 10).float()  # confident and right
+    wrong = neg.hard_wrong_labels(labels, probs, g)
+    assert not (wrong == labels).any()
+
+
+def test_blob_masks_are_binary_with_large_regions():
+    g = torch.Generator().manual_seed(0)
+    m = neg.blob_masks(64, (28, 28), blur_steps=10, generator=g).view(64, 28, 28)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    same_as_right = (m[:, :, 1:] == m[:, :, :-1]).float().mean()
+    assert same_as_right > 0.9  # a random binary image would give about 0.5
+    frac = m.mean()
+    assert 0.3 < frac < 0.7
+
+
+def test_hybrid_pixels_come_from_one_of_two_images():
+    g = torch.Generator().manual_seed(1)
+    x = torch.arange(8).float().repeat_interleave(16).view(8, 16)  # image i is all i
+    h = neg.hybrid_images(x, (4, 4), 4, g)
+    for i in range(8):
+        values = set(h[i].tolist())
+        assert float(i) in values or len(values) == 1
+        assert len(values) <= 2
+    assert any(len(set(h[i].tolist())) == 2 for i in range(8))

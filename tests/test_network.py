@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from fedff import config
+from fedff.data.datasets import load_digits
+from fedff.ff.evaluate import evaluate
+from fedff.ff.layer import FFLayer, ShapeError
+from fedff.ff.network import FFNetwork, InputSpec
+
+DIGITS = load_digits()
+SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, 10)
+
+
+def train(cfg: config.Config, epochs: int) -> FFNetwork:
+    torch.manual_seed(cfg.train.seed)
+    net = FFNetwork(cfg, SPEC)
+    for epoch in range(epochs):
+        net.set_epoch(epoch)
+        order = torch.randperm(len(DIGITS.train_y), generator=net.generator)
+        for idx in order.split(cfg.train.batch_size):
+            net.train_batch(DIGITS.train_x[idx], DIGITS.train_y[idx])
+    return net
+
+
+def small(*overrides: str) -> config.Config:
+    return config.load("digits-ff", ["model.hidden=200,200", "train.epochs=8", "optim.lr=0.002",
+                                     *overrides])
+
+
+def test_supervised_ff_learns_digits():
+    net = train(small(), 8)
+    result = evaluate(net, DIGITS.test_x, DIGITS.test_y)
+    assert result["error_goodness"] < 0.10
+    assert result["error_head"] < 0.15
+    assert len(result["layer_errors"]) == 2
+
+
+@pytest.mark.parametrize("collaboration", ["earlier", "all"])
+def test_collaborative_ff_learns_digits(collaboration):
+    net = train(small(f"model.collaboration={collaboration}"), 8)
+    assert evaluate(net, DIGITS.test_x, DIGITS.test_y)["error_goodness"] < 0.10
+
+
+def test_unsupervised_ff_learns_features_for_the_head():
+    cfg = small("train.algorithm=unsupervised", "train.negatives=hybrid", "train.classify=head",
+                "train.hybrid_blur_steps=2")
+    net = train(cfg, 8)
+    result = evaluate(net, DIGITS.test_x, DIGITS.test_y)
+    assert result["error_head"] < 0.25
+    assert "error_goodness" not in result
+
+
+@pytest.mark.parametrize("collaboration,expected", [
+    ("none", [None, None, None]),
+    ("earlier", ["none", "s0", "s0+s1"]),
+    ("all", ["s1+s2", "s0+s2", "s0+s1"]),
+])
+def test_each_layer_gets_the_right_gamma(monkeypatch, collaboration, expected):
+    """gamma_k is the sum of the scores of the other layers the variant allows."""
+    cfg = small("model.hidden=8,8,8", f"model.collaboration={collaboration}")
+    net = FFNetwork(cfg, SPEC)
+    seen: list = []
+    finish = FFLayer.finish
+
+    def spy(self, pending, gamma=None):
+        seen.append(gamma)
+        return finish(self, pending, gamma)
+
+    monkeypatch.setattr(FFLayer, "finish", spy)
+    x, y = DIGITS.train_x[:16], DIGITS.train_y[:16]
+    pos = torch.cat([x, x])
+    _, scores = net.activities(pos)  # scores before the update, on the same rows
+    net.ff_step(pos, n_pos=16)
+    named = {"s0": scores[0], "s1": scores[1], "s2": scores[2]}
+    for got, want in zip(seen, expected):
+        if want is None or want == "none":
+            assert got is None
+        else:
+            total = sum(named[n] for n in want.split("+"))
+            assert torch.allclose(got, total, atol=1e-4)
+
+
+def test_same_seed_same_weights_other_seed_differs():
+    a, b, c = train(small(), 1), train(small(), 1), train(small("train.seed=1"), 1)
+    wa, wb, wc = (n.layers[-1].module.weight for n in (a, b, c))
+    assert torch.equal(wa, wb)
+    assert not torch.equal(wa, wc)
+
+
+def test_network_state_round_trip_continues_identically():
+    cfg = small()
+    a = train(cfg, 1)
+    b = FFNetwork(cfg, SPEC)
+    b.load_state_dict(a.state_dict())
+    x, y = DIGITS.train_x[:50], DIGITS.train_y[:50]
+    a.train_batch(x, y)
+    b.train_batch(x, y)
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.module.weight, lb.module.weight)
+    assert torch.equal(a.head_logits(x), b.head_logits(x))
+
+
+def test_wrong_batch_shape_names_the_fix():
+    net = FFNetwork(small(), SPEC)
+    with pytest.raises(ShapeError, match=r"\[batch, 64\], got \[4, 8, 8\]; flatten"):
+        net.train_batch(torch.rand(4, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"labels must have shape \[4\]"):
+        net.train_batch(torch.rand(4, 64), torch.zeros(5, dtype=torch.long))
