@@ -54,7 +54,6 @@ def load_data(cfg: Config) -> Dataset:
 
 
 def build_network(cfg: Config, ds: Dataset, device: torch.device) -> FFNetwork:
-    torch.manual_seed(cfg.train.seed)
     return FFNetwork(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes), device)
 
 

@@ -18,3 +18,17 @@ def data_dir() -> Path:
     if not root or not (Path(root) / "mnist" / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("real data not present: set FEDFF_DATA_DIR to a folder with mnist/")
     return Path(root)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run tests marked slow (on by default when CI=true)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("CI", "").lower() in ("1", "true"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (CI runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
