@@ -1,7 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedff.config import OptimConfig
+from fedff.ff.objectives import rms_normalize
 from fedff.ff.layer import FFLayer, LayerBatch, LayerConfig, ShapeError
 
 
@@ -39,7 +41,7 @@ def test_layer_learns_to_separate(objective):
         metrics = layer.train_step(separable_batch(step)).metrics
     assert metrics["ff_accuracy"] > 0.95
     test = separable_batch(10_000)
-    g = layer.objective.goodness(torch.relu(layer._pre_act(test.x))).detach()
+    g = layer._activity(test.x)[2]
     pos_high = g[:64].mean() > g[64:].mean()
     assert pos_high == (objective == "hinton")
 
@@ -111,3 +113,30 @@ def test_schedule_halves_then_decays_to_near_zero():
     assert lrs[:5] == [0.01] * 5
     assert all(x > y for x, y in zip(lrs[5:], lrs[6:]))
     assert lrs[-1] == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("objective,gamma", [("hinton", None), ("low", None),
+                                             ("hinton", "random")])
+def test_update_equals_autograd_of_the_reference_loss(objective, gamma):
+    """The hand-written update is the gradient of softplus-of-goodness + peer push."""
+    layer = make_layer(objective=objective, peer_norm=0.03, temperature=2.0)
+    layer.peer_mean.uniform_(0, 1, generator=torch.Generator().manual_seed(3))
+    batch = separable_batch(5, n=32)
+    if gamma:
+        batch.gamma = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    w = layer.module.weight.detach().clone().requires_grad_(True)
+    b = layer.module.bias.detach().clone().requires_grad_(True)
+    m0 = layer.peer_mean.clone()
+
+    z = F.linear(rms_normalize(batch.x), w, b)
+    y = torch.relu(z)
+    score = layer.objective.score(y.pow(2).sum(1))
+    loss = layer.objective.loss(score, 32, batch.gamma)
+    m = 0.9 * m0 + 0.1 * y[:32].detach().mean(0)
+    push = m.mean() - m
+    (loss - 0.03 * (z[:32] * push).sum(1).mean()).backward()
+
+    layer.train_step(batch)
+    assert torch.allclose(layer.module.weight.grad, w.grad, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(layer.module.bias.grad, b.grad, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(layer.peer_mean, m)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fedff.config import OptimConfig
-from fedff.ff.objectives import (GoodnessObjective, peer_norm_surrogate, positive_accuracy,
+from fedff.ff.objectives import (GoodnessObjective, peer_norm_grad, positive_accuracy,
                                  rms_normalize)
 
 STATE_FORMAT = 1
@@ -54,6 +54,7 @@ class LayerConfig:
     temperature: float = 1.0
     peer_norm: float = 0.03
     peer_momentum: float = 0.9
+    normalize_input: bool = True  # False when the input is already RMS-normalised
     epochs: int = 100  # the length of the learning-rate schedule
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -87,11 +88,15 @@ class LayerResult:
 
 @dataclass
 class Pending:
-    """A forward pass whose update waits for gamma (see the module docstring)."""
+    """A forward pass whose update waits for gamma (see the module docstring).
 
-    batch: LayerBatch
-    pre_act: torch.Tensor
-    score: torch.Tensor  # with graph
+    It keeps exactly what the update needs: the normalised input and the activity.
+    """
+
+    n_pos: int
+    x_hat: torch.Tensor
+    y: torch.Tensor
+    score: torch.Tensor
     out: torch.Tensor
 
 
@@ -174,19 +179,27 @@ class FFLayer:
         if x.shape[0] == 0:
             raise ShapeError(f"layer got an empty {what} batch")
 
-    def _pre_act(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(rms_normalize(x.to(self.device)))
+    def _activity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised input, y = relu(W x_hat + b), goodness G = sum y^2), no graph."""
+        x = x.detach().to(self.device)
+        x_hat = rms_normalize(x) if self.config.normalize_input else x
+        y = torch.addmm(self.module.bias, x_hat, self.module.weight.t()).clamp_min_(0)
+        return x_hat, y, torch.linalg.vector_norm(y, dim=1).square_()
+
+    def _normalized_output(self, y: torch.Tensor, goodness: torch.Tensor) -> torch.Tensor:
+        """y / rms(y), with rms taken from the goodness already computed."""
+        rms = (goodness / y.shape[1]).sqrt_().add_(1e-8)
+        return y / rms.unsqueeze(1)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        return rms_normalize(torch.relu(self._pre_act(x)))
+        return self.forward_with_score(x)[0]
 
     @torch.no_grad()
     def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x)
-        y = torch.relu(self._pre_act(x))
-        return rms_normalize(y), self.objective.score(self.objective.goodness(y))
+        _, y, g = self._activity(x)
+        return self._normalized_output(y, g), self.objective.score(g)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_score(x)[1]
@@ -198,38 +211,42 @@ class FFLayer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.optim.lr * factor
 
+    @torch.no_grad()
     def begin(self, batch: LayerBatch) -> Pending:
         self._check(batch.x)
         if not 0 < batch.n_pos <= batch.x.shape[0]:
             raise ShapeError(f"n_pos must be in 1..{batch.x.shape[0]} (the batch size), "
                              f"got {batch.n_pos}")
-        pre = self._pre_act(batch.x.detach())
-        y = torch.relu(pre)
-        score = self.objective.score(self.objective.goodness(y))
-        return Pending(batch=batch, pre_act=pre, score=score, out=rms_normalize(y.detach()))
+        x_hat, y, g = self._activity(batch.x)
+        return Pending(n_pos=batch.n_pos, x_hat=x_hat, y=y, score=self.objective.score(g),
+                       out=self._normalized_output(y, g))
 
+    @torch.no_grad()
     def finish(self, pending: Pending, gamma: torch.Tensor | None = None) -> LayerResult:
-        n_pos, rows = pending.batch.n_pos, pending.score.shape[0]
+        """Applies the update, written out rather than left to autograd.
+
+        With G = sum_j y_j^2 and y = relu(z): dL/dz = dL/dG * 2y (zero where z <= 0, since
+        y is), plus the peer-normalisation push on positive rows; then dW = dZ^T x_hat and
+        db = sum dZ. tests/test_layer.py checks this against autograd.
+        """
+        n_pos, y, score = pending.n_pos, pending.y, pending.score
         if gamma is not None:
-            if gamma.shape != (rows,):
-                raise ShapeError(f"gamma must hold one score per sample, shape [{rows}], "
-                                 f"got {list(gamma.shape)}")
-            gamma = gamma.to(self.device).detach()
-        loss = self.objective.loss(pending.score, n_pos, gamma)
-        total = loss
+            if gamma.shape != score.shape:
+                raise ShapeError(f"gamma must hold one score per sample, shape "
+                                 f"[{score.shape[0]}], got {list(gamma.shape)}")
+            gamma = gamma.to(self.device)
+        d_goodness = self.objective.loss_grad_goodness(score, n_pos, gamma)
+        d_z = y * (2 * d_goodness).unsqueeze(1)
         if self.config.peer_norm > 0:
-            with torch.no_grad():
-                batch_mean = torch.relu(pending.pre_act[:n_pos]).mean(dim=0)
-                m = self.config.peer_momentum
-                self.peer_mean.mul_(m).add_(batch_mean, alpha=1 - m)
-            total = total + peer_norm_surrogate(pending.pre_act[:n_pos], self.peer_mean,
-                                                self.config.peer_norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+            m = self.config.peer_momentum
+            self.peer_mean.mul_(m).add_(y[:n_pos].mean(dim=0), alpha=1 - m)
+            d_z[:n_pos] += peer_norm_grad(self.peer_mean, self.config.peer_norm, n_pos)
+        self.module.weight.grad = d_z.t() @ pending.x_hat
+        self.module.bias.grad = d_z.sum(dim=0)
         self.optimizer.step()
         self.steps += 1
-        score = pending.score.detach()
-        metrics = {"loss": float(loss.detach()), "ff_accuracy": positive_accuracy(score, n_pos, gamma)}
+        metrics = {"loss": float(self.objective.loss(score, n_pos, gamma)),
+                   "ff_accuracy": positive_accuracy(score, n_pos, gamma)}
         return LayerResult(out=pending.out, score=score, metrics=metrics)
 
     def train_step(self, batch: LayerBatch) -> LayerResult:

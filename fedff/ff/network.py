@@ -34,6 +34,7 @@ def layer_configs(cfg: Config, input_features: int) -> list[LayerConfig]:
                         objective=m.objective, threshold_scale=m.threshold_scale,
                         temperature=m.temperature, peer_norm=m.peer_norm,
                         peer_momentum=m.peer_momentum, epochs=cfg.train.epochs,
+                        normalize_input=i == 0,  # later layers get normalised outputs
                         seed=cfg.train.seed * 1000 + i, optim=cfg.optim)
             for i in range(len(cfg.model.hidden))]
 

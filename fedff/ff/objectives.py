@@ -51,18 +51,32 @@ class GoodnessObjective:
             loss = loss + F.softplus(neg).mean()
         return loss
 
+    def loss_grad_goodness(self, score: torch.Tensor, n_pos: int,
+                           gamma: torch.Tensor | None) -> torch.Tensor:
+        """d loss / d G for every row: the analytic derivative of `loss`.
 
-def peer_norm_surrogate(pre_act_pos: torch.Tensor, running_mean: torch.Tensor,
-                        strength: float) -> torch.Tensor:
-    """A term whose gradient is the reference code's peer-normalisation push.
+        d softplus(-l)/dl = -sigmoid(-l), d softplus(l)/dl = sigmoid(l), dl/dG = sign / T.
+        Layers use it to update without an autograd graph (see FFLayer.finish).
+        """
+        logits = score if gamma is None else score + gamma
+        grad = torch.empty_like(logits)
+        n_neg = logits.shape[0] - n_pos
+        grad[:n_pos] = -torch.sigmoid(-logits[:n_pos]) / n_pos
+        if n_neg:
+            grad[n_pos:] = torch.sigmoid(logits[n_pos:]) / n_neg
+        sign = 1.0 if self.positive_high else -1.0
+        return grad * (sign / self.temperature)
+
+
+def peer_norm_grad(running_mean: torch.Tensor, strength: float, n_pos: int) -> torch.Tensor:
+    """The reference code's peer-normalisation push, as d loss / d pre-activation.
 
     The reference adds `lambda * (mean(m) - m_j)` to the derivative of every positive
-    sample's *pre-activation* (not gated by the ReLU), which revives dead units and
-    stops a few units from carrying all the goodness. Its gradient w.r.t. each pre-activation
-    is -lambda * (mean(m) - m_j) / B, i.e. a descent step raises under-used units.
+    sample's *pre-activation* (not gated by the ReLU), which revives dead units and stops a
+    few units from carrying all the goodness. As a descent gradient, averaged over the
+    batch like the FF loss: -lambda * (mean(m) - m_j) / B for each positive row.
     """
-    push = (running_mean.mean() - running_mean).detach()
-    return -strength * (pre_act_pos * push).sum(dim=-1).mean()
+    return -strength * (running_mean.mean() - running_mean) / n_pos
 
 
 def positive_accuracy(score: torch.Tensor, n_pos: int, gamma: torch.Tensor | None) -> float:
