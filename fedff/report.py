@@ -40,8 +40,10 @@ def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Test error (%) per epoch for every classifier evaluated, log scale."""
+def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str,
+                        reported: str = "error_goodness") -> None:
+    """Test error (%) per epoch for every classifier evaluated; the one behind
+    `test_error` is drawn solid and marked in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,15 +51,15 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -
 
     evaluated = [r for r in history if "test_error" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("test_error", "reported"), ("error_goodness", "goodness"),
-                       ("error_head", "softmax head")):
+    for key, label in (("error_goodness", "goodness per label"), ("error_head", "softmax head")):
         pts = [(r["epoch"], 100 * r[key]) for r in evaluated if key in r]
         if pts:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label,
-                    linestyle="-" if key == "test_error" else "--")
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None,
+                    label=label + (" (reported)" if key == reported else ""),
+                    linestyle="-" if key == reported else "--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
-    ax.set_yscale("log")
+
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)
     ax.legend()

@@ -133,8 +133,9 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True,
         write_json(out_dir / "metrics.json", summary)
         write_csv(out_dir / "metrics.csv", history)
     if history:
+        reported = "error_goodness" if cfg.train.classify == "goodness" else "error_head"
         plot_learning_curve(history, out_dir / "learning_curve.png",
-                            f"{cfg.name} ({ds.name})")
+                            f"{cfg.name} ({ds.name})", reported)
     return summary
 
 
