@@ -32,4 +32,4 @@ def test_short_schedule_regression(data_dir, tmp_path):
     cfg = config.load("mnist-ff-3x1000-short", [f"data.data_dir={data_dir}",
                                                 "train.eval_every=10"])
     summary = run(cfg, tmp_path, show_progress=False)
-    assert summary["test_error"] < 0.025
+    assert summary["test_error"] < 0.021  # measured 1.79 % (2 threads, this VM)
