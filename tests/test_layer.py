@@ -140,3 +140,15 @@ def test_update_equals_autograd_of_the_reference_loss(objective, gamma):
     assert torch.allclose(layer.module.weight.grad, w.grad, atol=1e-6, rtol=1e-4)
     assert torch.allclose(layer.module.bias.grad, b.grad, atol=1e-6, rtol=1e-4)
     assert torch.allclose(layer.peer_mean, m)
+
+
+def test_weights_move_between_layers_without_optimiser_state():
+    """What a federation averages: parameters only; each client keeps its optimiser."""
+    a, b = make_layer(), make_layer()
+    for step in range(3):
+        a.train_step(separable_batch(step))
+    x = separable_batch(99).x
+    assert not torch.equal(a.forward(x), b.forward(x))
+    b.load_weights(a.weights())
+    assert torch.equal(a.forward(x), b.forward(x))
+    assert b.optimizer.state_dict()["state"] == {}  # b never stepped: no momentum copied

@@ -35,9 +35,6 @@ class GoodnessObjective:
     temperature: float = 1.0
     positive_high: bool = True
 
-    def goodness(self, y: torch.Tensor) -> torch.Tensor:
-        return y.pow(2).sum(dim=-1)
-
     def score(self, goodness: torch.Tensor) -> torch.Tensor:
         sign = 1.0 if self.positive_high else -1.0
         return sign * (goodness - self.theta) / self.temperature
