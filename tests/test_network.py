@@ -66,7 +66,7 @@ def test_each_layer_gets_the_right_gamma(monkeypatch, collaboration, expected):
         return finish(self, pending, gamma)
 
     monkeypatch.setattr(FFLayer, "finish", spy)
-    x, y = DIGITS.train_x[:16], DIGITS.train_y[:16]
+    x = DIGITS.train_x[:16]
     pos = torch.cat([x, x])
     _, scores = net.activities(pos)  # scores before the update, on the same rows
     net.ff_step(pos, n_pos=16)

@@ -52,7 +52,8 @@ def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
 def binomial_kernel(blur_steps: int) -> torch.Tensor:
     """[1/4, 1/2, 1/4] convolved with itself `blur_steps` times: binomial(2k) / 4^k."""
     k = 2 * blur_steps
-    return torch.tensor([math.comb(k, i) for i in range(k + 1)], dtype=torch.float32) / 4**blur_steps
+    coefficients = [math.comb(k, i) for i in range(k + 1)]
+    return torch.tensor(coefficients, dtype=torch.float32) / 4**blur_steps
 
 
 def blob_masks(n: int, shape: tuple[int, int], blur_steps: int,
