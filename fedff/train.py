@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def test_metrics(net: FFNetwork, ds: Dataset) -> dict[str, Any]:
 class Progress:
     """Running means of a batch's scalar metrics, without keeping per-batch values."""
 
-    sums: dict[str, float]
+    sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
 
     def add(self, metrics: dict[str, float]) -> None:
@@ -84,7 +84,7 @@ def train_epoch(net: FFNetwork, ds: Dataset, epoch: int, show: bool) -> dict[str
     net.set_epoch(epoch)
     order = torch.randperm(ds.train_x.shape[0], generator=net.generator)
     batches = order.split(t.batch_size)
-    progress = Progress({})
+    progress = Progress()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
                disable=not show, dynamic_ncols=True)
     for idx in bar:

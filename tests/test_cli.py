@@ -40,19 +40,17 @@ def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["train", "--set", "train.epoch=2"], "unknown config key 'train.epoch' (did you mean"),
-    (["train", "--set", "train.batch_size=-1"], "'train.batch_size' must be > 0"),
-    (["train", "--config", "mnist-ff-3x1000", "--data-dir", "/nonexistent"],
+    (["train", "--quiet", "--set", "train.epoch=2"],
+     "unknown config key 'train.epoch' (did you mean"),
+    (["train", "--quiet", "--set", "train.batch_size=-1"], "'train.batch_size' must be > 0"),
+    (["train", "--quiet", "--config", "mnist-ff-3x1000", "--data-dir", "/nonexistent"],
      "not found (looked in /nonexistent/mnist"),
     (["eval", "/nonexistent/checkpoint.pt"], "checkpoint /nonexistent/checkpoint.pt not found"),
 ])
 def test_bad_input_is_one_line_naming_problem_and_fix(args, message, tmp_path, monkeypatch):
     monkeypatch.delenv("FEDFF_DATA_DIR", raising=False)
-    monkeypatch.setenv("FEDFF_CACHE_DIR", str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "fedff", *args, "--quiet"]
-                            if args[0] == "train" else [sys.executable, "-m", "fedff", *args],
-                            capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "FEDFF_CACHE_DIR": str(tmp_path)})
+    monkeypatch.setenv("FEDFF_CACHE_DIR", str(tmp_path))  # the subprocess inherits both
+    result = run_cli(*args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedff: error: ")

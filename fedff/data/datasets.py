@@ -88,17 +88,19 @@ def download(name: str, filename: str, mirrors: list[str] | None = None,
     errors = []
     for base in mirrors or MIRRORS[name]:
         url = base + filename
+        fd, name_tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{filename}.")
+        os.close(fd)
+        partial = Path(name_tmp)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, \
-                    tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-                shutil.copyfileobj(resp, tmp)
-            check_md5(Path(tmp.name), MD5[name][filename])
-            os.replace(tmp.name, target)
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(partial, "wb") as f:
+                shutil.copyfileobj(resp, f)
+            check_md5(partial, MD5[name][filename])
+            os.replace(partial, target)
             return target
         except (urllib.error.URLError, OSError, DataError) as err:
             errors.append(f"{url}: {getattr(err, 'reason', err)}")
-            if "tmp" in locals() and os.path.exists(tmp.name):
-                os.unlink(tmp.name)
+        finally:
+            partial.unlink(missing_ok=True)
     raise DataError(f"could not download {name}/{filename} (no network, or every mirror "
                     f"failed: {'; '.join(errors)}); copy the files into a folder and pass "
                     f"--data-dir DIR or set FEDFF_DATA_DIR")
