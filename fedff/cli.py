@@ -25,6 +25,9 @@ EXAMPLES = """examples:
   fedff train --config mnist-ff-3x1000 --set train.epochs=10 --set optim.lr=0.02
   fedff eval runs/mnist/checkpoint.pt --data-dir ../shared/data
   fedff configs mnist-ff-3x1000                 # print a named config
+  fedff pipeline --local 3 --config mnist-ff-3x1000 --set train.negatives=random
+  fedff worker --listen 0.0.0.0:7001            # one layer worker (on each machine)
+  fedff pipeline --workers hostA:7001,hostB:7001,hostC:7001 --config mnist-ff-3x1000 ...
 """
 
 
@@ -38,6 +41,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="torch intra-op threads (default: torch's choice)")
 
 
+def _add_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (the same flags on every worker and the driver)")
+    g.add_argument("--tls-ca", metavar="PEM", help="CA that signed the peers' certificates")
+    g.add_argument("--tls-cert", metavar="PEM", help="this process's certificate")
+    g.add_argument("--tls-key", metavar="PEM", help="this process's private key")
+    g.add_argument("--mtls", action="store_true",
+                   help="mutual TLS: workers demand a client certificate signed by --tls-ca")
+    g.add_argument("--tls-server-name", metavar="NAME",
+                   help="name to check in the workers' certificates (default: the host)")
+    g.add_argument("--token-file", metavar="FILE",
+                   help="shared bearer token every call must carry (or $FEDFF_TOKEN)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--config", default="digits-ff", metavar="NAME|PATH",
+                   help="named config (see `fedff configs`) or TOML file "
+                        "(default: digits-ff, the embedded dataset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   dest="overrides", help="override one config value, e.g. "
+                   "train.epochs=10 (repeatable; keys: see `fedff configs --keys`)")
+    p.add_argument("--out", default=default_out, metavar="DIR",
+                   help="output folder for metrics.json/.csv, checkpoint.pt, "
+                        f"learning_curve.png (default: {default_out})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from DIR/checkpoint.pt if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedff", description="Forward-Forward training, in-process, in layer workers "
@@ -47,19 +79,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a network and write metrics, plot, checkpoint",
                            description="Train with a named config or a TOML file.")
-    train.add_argument("--config", default="digits-ff", metavar="NAME|PATH",
-                       help="named config (see `fedff configs`) or TOML file "
-                            "(default: digits-ff, the embedded dataset)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       dest="overrides", help="override one config value, e.g. "
-                       "train.epochs=10 (repeatable; keys: see `fedff configs --keys`)")
-    train.add_argument("--out", default="runs/latest", metavar="DIR",
-                       help="output folder for metrics.json/.csv, checkpoint.pt, "
-                            "learning_curve.png (default: runs/latest)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from DIR/checkpoint.pt if it exists")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_common(train)
+    _add_run_options(train, "runs/latest")
+
+    pipe = sub.add_parser(
+        "pipeline", help="train through a chain of layer workers (remote, or --local K)",
+        description="Stream the dataset into a chain of layer workers, one block of layers "
+        "per worker, all training at once. Writes the same outputs as `fedff train`; the "
+        "checkpoint is a whole-network checkpoint that `fedff eval` reads.")
+    _add_run_options(pipe, "runs/pipeline")
+    where = pipe.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workers", metavar="ADDR,ADDR,...",
+                       help="the chain's workers in order (started with `fedff worker`)")
+    where.add_argument("--local", type=int, metavar="K",
+                       help="start K workers on this host, run, and stop them")
+    pipe.add_argument("--worker-threads", type=int, default=1, metavar="N",
+                      help="torch threads per local worker (default 1)")
+    pipe.add_argument("--window", type=int, default=4, metavar="N",
+                      help="batches in flight per link (default 4)")
+    pipe.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                      help="local workers checkpoint every N batches (default 100)")
+    pipe.add_argument("--keep-workers", action="store_true",
+                      help="with --workers: leave them running afterwards (default: shut down)")
+    _add_security(pipe)
+
+    wk = sub.add_parser(
+        "worker", help="serve one block of layers over gRPC",
+        description="A layer worker. It waits for a driver to configure it (which layers, "
+        "what comes next), trains on the stream from the previous worker and sends its "
+        "output on. Restarted with the same --checkpoint-dir, it resumes where it stopped.")
+    wk.add_argument("--listen", default="0.0.0.0:7001", metavar="HOST:PORT",
+                    help="address to serve on (port 0: any free port; default 0.0.0.0:7001)")
+    wk.add_argument("--name", default="worker", help="name in logs and status")
+    wk.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                    help="where to checkpoint; a restart resumes from here")
+    wk.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                    help="checkpoint every N batches (and at every epoch end; default 100)")
+    wk.add_argument("--next", metavar="HOST:PORT",
+                    help="the next worker's address as seen from here (default: the "
+                         "address the driver names)")
+    wk.add_argument("--window", type=int, default=4, metavar="N",
+                    help="batches in flight to the next worker (default 4)")
+    wk.add_argument("--threads", type=int, default=0, metavar="N",
+                    help="torch intra-op threads (default: torch's choice)")
+    wk.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    wk.add_argument("--max-batch-mb", type=int, default=512, metavar="MB",
+                    help="refuse batches larger than this (default 512)")
+    wk.add_argument("--ready-file", type=Path, metavar="FILE",
+                    help="write the address served on to FILE once listening")
+    _add_security(wk)
 
     ev = sub.add_parser("eval", help="score a checkpoint on its dataset's test set")
     ev.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by `fedff train`")
@@ -91,6 +158,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     line = {k: summary[k] for k in ("test_error", "error_head", "error_goodness", "epochs",
                                     "train_seconds", "peak_rss_mb")}
     print(json.dumps({"out": args.out, **line}))
+    return 0
+
+
+def _security(args: argparse.Namespace):
+    from fedff.worker.security import Security
+
+    return Security.from_args(args.tls_ca, args.tls_cert, args.tls_key, args.mtls,
+                              args.token_file, args.tls_server_name)
+
+
+def _security_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag in ("tls_ca", "tls_cert", "tls_key", "token_file", "tls_server_name"):
+        if getattr(args, flag):
+            out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return out + (["--mtls"] if args.mtls else [])
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from fedff.pipeline.driver import ChainOptions, run_pipeline
+
+    cfg = config_mod.load(args.config, [*args.overrides, *_common_overrides(args)])
+    options = ChainOptions(
+        addresses=[a.strip() for a in (args.workers or "").split(",") if a.strip()],
+        local=args.local or 0, worker_threads=args.worker_threads, window=args.window,
+        checkpoint_every=args.checkpoint_every, keep_workers=args.keep_workers,
+        worker_args=_security_args(args))
+    summary = run_pipeline(cfg, Path(args.out), options, _security(args),
+                           show_progress=not args.quiet, resume=args.resume)
+    line = {k: summary[k] for k in ("test_error", "error_head", "error_goodness", "epochs",
+                                    "train_seconds", "peak_rss_mb")}
+    print(json.dumps({"out": args.out, **line}))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedff.worker.server import WorkerServer
+    from fedff.worker.servicer import WorkerOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    options = WorkerOptions(name=args.name, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=args.checkpoint_every, window=args.window,
+                            device=args.device, next_address=args.next,
+                            max_batch_bytes=args.max_batch_mb * 2**20)
+    server = WorkerServer(args.listen, options, _security(args), threads=args.threads)
+    server.start(args.ready_file)
+    print(f"fedff worker {args.name} listening on {server.address}", flush=True)
+    server.wait()
     return 0
 
 
@@ -138,10 +255,14 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "configs": cmd_configs}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
+                "pipeline": cmd_pipeline, "worker": cmd_worker}
+    from fedff.worker.link import PeerError
+    from fedff.worker.security import SecurityError
+
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ShapeError) as err:
+    except (ConfigError, DataError, ShapeError, PeerError, SecurityError, OSError) as err:
         print(f"fedff: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -88,19 +88,27 @@ def train_epoch(net: FFNetwork, ds: Dataset, epoch: int, show: bool) -> dict[str
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
                disable=not show, dynamic_ncols=True)
     for idx in bar:
-        progress.add(net.train_batch(ds.train_x[idx], ds.train_y[idx]))
+        metrics = net.train_batch(ds.train_x[idx], ds.train_y[idx])
+        if metrics:  # a worker chain reports a batch's metrics when its ack returns
+            progress.add(metrics)
+    for metrics in net.end_epoch():
+        progress.add(metrics)
     return progress.means()
 
 
-def run(cfg: Config, out_dir: Path, show_progress: bool = True,
-        resume: bool = False) -> dict[str, Any]:
-    """Trains cfg, writing outputs to out_dir after every epoch; returns metrics.json."""
+def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = False,
+        build: Callable[[Config, Dataset, torch.device], Any] | None = None) -> dict[str, Any]:
+    """Trains cfg, writing outputs to out_dir after every epoch; returns metrics.json.
+
+    `build` makes the model the loop drives: the in-process `FFNetwork` by default, or a
+    `Pipeline` over layer workers (fedff.pipeline), which offers the same methods.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     ds = load_data(cfg)
-    net = build_network(cfg, ds, device)
+    net = (build or build_network)(cfg, ds, device)
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     if resume and (out_dir / CHECKPOINT).exists():

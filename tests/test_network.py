@@ -5,6 +5,7 @@ from fedff import config
 from fedff.data.datasets import load_digits
 from fedff.ff.evaluate import evaluate
 from fedff.ff.layer import FFLayer, ShapeError
+from fedff.ff.block import Packet
 from fedff.ff.network import FFNetwork, InputSpec
 
 DIGITS = load_digits()
@@ -69,7 +70,7 @@ def test_each_layer_gets_the_right_gamma(monkeypatch, collaboration, expected):
     x = DIGITS.train_x[:16]
     pos = torch.cat([x, x])
     _, scores = net.activities(pos)  # scores before the update, on the same rows
-    net.ff_step(pos, n_pos=16)
+    net.ff_step(Packet(x=pos, n_pos=16))
     named = {"s0": scores[0], "s1": scores[1], "s2": scores[2]}
     for got, want in zip(seen, expected):
         if want is None or want == "none":

@@ -14,8 +14,9 @@ import torch
 
 from fedff.config import Config
 from fedff.ff import negatives as neg
+from fedff.ff.block import LayerBlock, Packet
 from fedff.ff.head import LinearHead
-from fedff.ff.layer import FFLayer, LayerBatch, LayerConfig, Pending, ShapeError, lr_factor
+from fedff.ff.layer import ShapeError, lr_factor
 
 
 @dataclass(frozen=True)
@@ -27,45 +28,47 @@ class InputSpec:
     num_classes: int
 
 
-def layer_configs(cfg: Config, input_features: int) -> list[LayerConfig]:
-    widths = [input_features, *cfg.model.hidden]
-    m = cfg.model
-    return [LayerConfig(in_features=widths[i], out_features=widths[i + 1],
-                        objective=m.objective, threshold_scale=m.threshold_scale,
-                        temperature=m.temperature, peer_norm=m.peer_norm,
-                        peer_momentum=m.peer_momentum, epochs=cfg.train.epochs,
-                        normalize_input=i == 0,  # later layers get normalised outputs
-                        seed=cfg.train.seed * 1000 + i, optim=cfg.optim)
-            for i in range(len(cfg.model.hidden))]
+def training_rows(cfg: Config, spec: InputSpec, x: torch.Tensor, labels: torch.Tensor,
+                  generator: torch.Generator, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """[positives; negatives] for one batch of real examples (x.shape[0] positives).
 
-
-def default_head_layers(cfg: Config) -> list[int]:
-    """Hinton: hidden layers >= 2 (supervised); the last three (unsupervised)."""
-    n = len(cfg.model.hidden)
-    if cfg.head.layers:
-        return list(cfg.head.layers)
+    Supervised: the true label overlaid, then a wrong one, drawn in proportion to the
+    head's `probs` when given (hard negatives), else uniformly. Unsupervised: x, then
+    hybrid images. The in-process network and the pipeline driver both call this.
+    """
+    c, t = spec.num_classes, cfg.train
     if cfg.train.algorithm == "supervised":
-        return list(range(1, n)) if n > 1 else [0]
-    return list(range(max(0, n - 3), n))
+        if probs is not None:
+            wrong = neg.hard_wrong_labels(labels, probs.cpu(), generator)
+        else:
+            wrong = neg.random_wrong_labels(labels.cpu(), c, generator)
+        pos = neg.overlay(x, labels, c, t.label_strength)
+        negs = neg.overlay(x, wrong.to(x.device), c, t.label_strength)
+    else:
+        pos = x
+        negs = neg.hybrid_images(x.cpu(), spec.image_shape, t.hybrid_blur_steps,
+                                 generator).to(x.device)
+    return torch.cat([pos, negs])
 
 
 class FFNetwork:
     def __init__(self, cfg: Config, spec: InputSpec, device: str | torch.device = "cpu"):
         self.cfg, self.spec, self.device = cfg, spec, torch.device(device)
         self.supervised = cfg.train.algorithm == "supervised"
-        self.layers = [FFLayer(lc, self.device) for lc in layer_configs(cfg, spec.features)]
-        self.head_layers = default_head_layers(cfg)
-        head_in = sum(cfg.model.hidden[i] for i in self.head_layers)
-        self.head = LinearHead(head_in, spec.num_classes, cfg.head, self.device)
+        n = len(cfg.model.hidden)
+        self.block = LayerBlock(cfg, spec.features, spec.num_classes, 0, n, head=True,
+                                device=self.device)
+        self.layers = self.block.layers
+        self.head: LinearHead = self.block.head  # type: ignore[assignment]
+        self.head_layers = self.block.head_layers
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.epoch = 0
 
     # -- training --------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        for layer in self.layers:
-            layer.set_epoch(epoch)
-        self.head.set_lr_factor(lr_factor(self.cfg.optim.schedule, epoch, self.cfg.train.epochs))
+        self.block.set_epoch(epoch, lr_factor(self.cfg.optim.schedule, epoch,
+                                              self.cfg.train.epochs))
 
     def _check_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.spec.features:
@@ -78,58 +81,32 @@ class FFNetwork:
         """One step of every layer and of the head on one batch of real examples."""
         self._check_batch(x, labels)
         x, labels = x.to(self.device), labels.to(self.device)
-        c, t = self.spec.num_classes, self.cfg.train
+        t = self.cfg.train
         metrics: dict[str, float] = {}
-        if self.supervised:
+        probs = None
+        if self.supervised:  # the head first: hard negatives come from its predictions
             probs, head_metrics = self.head.train_step(self.head_features(
-                neg.neutral(x, c, t.label_strength)), labels)
+                neg.neutral(x, self.spec.num_classes, t.label_strength)), labels)
             metrics.update(head_metrics)
-            if t.negatives == "hard":
-                wrong = neg.hard_wrong_labels(labels, probs.cpu(), self.generator)
-            else:
-                wrong = neg.random_wrong_labels(labels.cpu(), c, self.generator)
-            pos = neg.overlay(x, labels, c, t.label_strength)
-            negs = neg.overlay(x, wrong.to(self.device), c, t.label_strength)
-        else:
-            pos = x
-            negs = neg.hybrid_images(x.cpu(), self.spec.image_shape, t.hybrid_blur_steps,
-                                     self.generator).to(self.device)
-        outs, layer_metrics = self.ff_step(torch.cat([pos, negs]), n_pos=x.shape[0])
+        rows = training_rows(self.cfg, self.spec, x, labels, self.generator,
+                             probs if t.negatives == "hard" else None)
+        # Unsupervised: the head reads the positive rows of this very pass.
+        packet = Packet(x=rows, n_pos=x.shape[0], labels=None if self.supervised else labels)
+        out, layer_metrics = self.ff_step(packet)
         metrics.update(layer_metrics)
-        if not self.supervised:  # the positive rows are exactly the head's input
-            feats = torch.cat([outs[i][: x.shape[0]] for i in self.head_layers], dim=1)
-            metrics.update(self.head.train_step(feats, labels)[1])
+        metrics.update(self.block.train_head(out))
         return metrics
 
-    def ff_step(self, x: torch.Tensor, n_pos: int) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """Trains every layer once on [positives; negatives]; returns each layer's output."""
-        mode = self.cfg.model.collaboration
-        if mode == "all":
-            return self._ff_step_all(x, n_pos)
-        outs, metrics, gamma, h = [], {}, None, x
-        for i, layer in enumerate(self.layers):
-            result = layer.train_step(LayerBatch(h, n_pos, gamma))
-            if mode == "earlier":
-                gamma = result.score if gamma is None else gamma + result.score
-            outs.append(result.out)
-            h = result.out
-            metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
-        return outs, metrics
+    def end_epoch(self) -> list[dict[str, float]]:
+        """Nothing is in flight in one process (a worker chain drains here)."""
+        return []
 
-    def _ff_step_all(self, x: torch.Tensor, n_pos: int) -> tuple[list[torch.Tensor], dict]:
-        """CFF, all layers: every layer's gamma is the sum of the other layers' scores."""
-        pending: list[Pending] = []
-        h = x
-        for layer in self.layers:
-            pending.append(layer.begin(LayerBatch(h, n_pos)))
-            h = pending[-1].out
-        scores = torch.stack([p.score.detach() for p in pending])
-        total = scores.sum(dim=0)
-        metrics = {}
-        for i, (layer, p) in enumerate(zip(self.layers, pending)):
-            result = layer.finish(p, gamma=total - scores[i])
-            metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
-        return [p.out for p in pending], metrics
+    def ff_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
+        """Trains every layer once on the packet's [positives; negatives]."""
+        out, pending, metrics = self.block.train(packet)
+        if pending is not None:  # CFF over all layers: every score is known now
+            metrics.update(self.block.finish(pending, later=None)[1])
+        return out, metrics
 
     # -- inference -------------------------------------------------------------------
     @torch.no_grad()
@@ -188,8 +165,7 @@ class FFNetwork:
         if len(state["layers"]) != len(self.layers):
             raise ShapeError(f"checkpoint has {len(state['layers'])} layers, the network "
                              f"has {len(self.layers)}")
-        for layer, ls in zip(self.layers, state["layers"]):
-            layer.load_state_dict(ls)
-        self.head.load_state_dict(state["head"])
+        self.block.load_state_dict({"first": 0, "last": len(self.layers),
+                                    "layers": state["layers"], "head": state["head"]})
         self.generator.set_state(state["generator"])
         self.set_epoch(int(state["epoch"]))

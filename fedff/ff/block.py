@@ -1,0 +1,210 @@
+"""A block of consecutive FF layers: the unit a process runs, locally or in a worker.
+
+The in-process network is one block holding every layer; a layer worker holds a block
+of one or more layers. Both run this code, so a chain of workers computes what the
+network computes in one process (tests/test_pipeline.py checks the weights match).
+
+What flows between blocks is a `Packet`: the training rows (positives first), the
+Collaborative FF signal of the earlier layers, and, for the softmax head, the
+neutral-label rows and the head-layer outputs collected on the way ("taps"). What
+flows back (for Collaborative FF over all layers) is the later layers' summed score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedff.config import Config
+from fedff.ff.head import LinearHead
+from fedff.ff.layer import FFLayer, LayerBatch, LayerConfig, Pending, ShapeError
+
+
+@dataclass
+class Packet:
+    x: torch.Tensor  # training rows: n_pos positives, then negatives
+    n_pos: int
+    gamma: torch.Tensor | None = None  # sum of the earlier layers' scores (CFF)
+    neutral: torch.Tensor | None = None  # neutral-label rows: the head's input, no update
+    labels: torch.Tensor | None = None  # the head's targets (train it where it lives)
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)  # head-layer outputs
+
+
+@dataclass
+class BlockPending:
+    """A training step whose layer updates wait for the later layers' scores (CFF all)."""
+
+    pending: list[Pending]
+    scores: torch.Tensor  # [block layers, rows]
+    earlier: torch.Tensor | None
+
+
+def layer_configs(cfg: Config, input_features: int) -> list[LayerConfig]:
+    widths = [input_features, *cfg.model.hidden]
+    m = cfg.model
+    return [LayerConfig(in_features=widths[i], out_features=widths[i + 1],
+                        objective=m.objective, threshold_scale=m.threshold_scale,
+                        temperature=m.temperature, peer_norm=m.peer_norm,
+                        peer_momentum=m.peer_momentum, epochs=cfg.train.epochs,
+                        normalize_input=i == 0,  # later layers get normalised outputs
+                        seed=cfg.train.seed * 1000 + i, optim=cfg.optim)
+            for i in range(len(cfg.model.hidden))]
+
+
+def default_head_layers(cfg: Config) -> list[int]:
+    """Hinton: hidden layers >= 2 (supervised); the last three (unsupervised)."""
+    n = len(cfg.model.hidden)
+    if cfg.head.layers:
+        return list(cfg.head.layers)
+    if cfg.train.algorithm == "supervised":
+        return list(range(1, n)) if n > 1 else [0]
+    return list(range(max(0, n - 3), n))
+
+
+class LayerBlock:
+    """Layers [first, last) of the network described by cfg, plus the head if asked."""
+
+    def __init__(self, cfg: Config, input_features: int, num_classes: int, first: int,
+                 last: int, head: bool, device: str | torch.device = "cpu"):
+        n = len(cfg.model.hidden)
+        if not 0 <= first < last <= n:
+            raise ShapeError(f"a block needs 0 <= first < last <= {n} (the network has {n} "
+                             f"layers), got first={first}, last={last}")
+        self.cfg, self.first, self.last = cfg, first, last
+        self.device = torch.device(device)
+        configs = layer_configs(cfg, input_features)[first:last]
+        self.layers = [FFLayer(c, self.device) for c in configs]
+        self.head_layers = default_head_layers(cfg)
+        self.mode = cfg.model.collaboration
+        self.head: LinearHead | None = None
+        if head:
+            head_in = sum(cfg.model.hidden[i] for i in self.head_layers)
+            self.head = LinearHead(head_in, num_classes, cfg.head, self.device)
+
+    @property
+    def indices(self) -> range:
+        return range(self.first, self.last)
+
+    def set_epoch(self, epoch: int, head_factor: float) -> None:
+        for layer in self.layers:
+            layer.set_epoch(epoch)
+        if self.head is not None:
+            self.head.set_lr_factor(head_factor)
+
+    # -- training --------------------------------------------------------------------
+    @torch.no_grad()
+    def train(self, p: Packet) -> tuple[Packet, BlockPending | None, dict[str, float]]:
+        """Trains every layer once on p; returns the next block's packet.
+
+        The neutral rows go through first, before any update, which is what a single
+        process does too (the head sees the network as it was before this batch). Under
+        CFF over all layers, the updates wait: `finish(pending, later)` applies them.
+        """
+        taps = dict(p.taps)
+        neutral = p.neutral
+        if neutral is not None:
+            for i, layer in zip(self.indices, self.layers):
+                neutral = layer.forward(neutral)
+                if i in self.head_layers:
+                    taps[i] = neutral
+        if self.mode == "all":
+            out, gamma, pending = self._begin_all(p, taps)
+            metrics: dict[str, float] = {}
+        else:
+            out, gamma, metrics = self._train_now(p, taps)
+            pending = None
+        nxt = Packet(x=out, n_pos=p.n_pos, gamma=gamma, neutral=neutral, labels=p.labels,
+                     taps=taps)
+        return nxt, pending, metrics
+
+    def _tap_positive(self, i: int, out: torch.Tensor, n_pos: int,
+                      taps: dict[int, torch.Tensor], neutral: torch.Tensor | None) -> None:
+        # Unsupervised: the head reads the positive (real) rows of the training pass.
+        if neutral is None and i in self.head_layers:
+            taps[i] = out[:n_pos]
+
+    def _train_now(self, p: Packet, taps: dict[int, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        h, gamma, metrics = p.x, p.gamma, {}
+        for i, layer in zip(self.indices, self.layers):
+            result = layer.train_step(LayerBatch(h, p.n_pos, gamma))
+            if self.mode == "earlier":
+                gamma = result.score if gamma is None else gamma + result.score
+            h = result.out
+            self._tap_positive(i, h, p.n_pos, taps, p.neutral)
+            metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
+        return h, gamma, metrics
+
+    def _begin_all(self, p: Packet, taps: dict[int, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, BlockPending]:
+        pending, h = [], p.x
+        for i, layer in zip(self.indices, self.layers):
+            pending.append(layer.begin(LayerBatch(h, p.n_pos)))
+            h = pending[-1].out
+            self._tap_positive(i, h, p.n_pos, taps, p.neutral)
+        scores = torch.stack([q.score for q in pending])
+        block_sum = scores.sum(dim=0)
+        gamma = block_sum if p.gamma is None else p.gamma + block_sum
+        return h, gamma, BlockPending(pending, scores, p.gamma)
+
+    @torch.no_grad()
+    def finish(self, bp: BlockPending, later: torch.Tensor | None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+        """CFF all: applies the updates now that the later layers' scores are known.
+
+        Returns this block's and the later layers' summed score: the earlier blocks' feedback.
+        """
+        own = bp.scores.sum(dim=0)
+        total = own
+        for part in (bp.earlier, later):
+            if part is not None:
+                total = total + part
+        metrics: dict[str, float] = {}
+        for i, layer, q, s in zip(self.indices, self.layers, bp.pending, bp.scores):
+            result = layer.finish(q, gamma=total - s)
+            metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
+        return (own if later is None else own + later), metrics
+
+    def train_head(self, p: Packet) -> dict[str, float]:
+        """The head's step on the taps the packet collected (the last block only)."""
+        if self.head is None or p.labels is None:
+            return {}
+        return self.head.train_step(self.head_features(p.taps), p.labels)[1]
+
+    def head_features(self, taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        missing = [i for i in self.head_layers if i not in taps]
+        if missing:
+            raise ShapeError(f"the head reads layers {self.head_layers} but the outputs of "
+                             f"{missing} did not arrive; the upstream blocks must tap them")
+        return torch.cat([taps[i] for i in self.head_layers], dim=1)
+
+    # -- inference -------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor, taps: dict[int, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, scores [block layers, rows]); head-layer outputs go into taps."""
+        scores = []
+        for i, layer in zip(self.indices, self.layers):
+            x, s = layer.forward_with_score(x)
+            scores.append(s)
+            if taps is not None and i in self.head_layers:
+                taps[i] = x
+        return x, torch.stack(scores)
+
+    # -- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last,
+                "layers": [layer.state_dict() for layer in self.layers],
+                "head": None if self.head is None else self.head.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["first"], state["last"]) != (self.first, self.last) or \
+                len(state["layers"]) != len(self.layers):
+            raise ShapeError(f"state is for layers [{state['first']}, {state['last']}), this "
+                             f"block holds [{self.first}, {self.last})")
+        for layer, ls in zip(self.layers, state["layers"]):
+            layer.load_state_dict(ls)
+        if self.head is not None and state.get("head") is not None:
+            self.head.load_state_dict(state["head"])

@@ -1,0 +1,284 @@
+"""The driver: streams a dataset into a chain of layer workers and runs the epochs.
+
+`Pipeline` looks to the training loop (`fedff.train.run`) and to `evaluate` exactly like
+the in-process `FFNetwork`: `train_batch`, `set_epoch`, `label_scores`, `head_logits`,
+`state_dict`. The difference is that `train_batch` returns as soon as the batch is on its
+way; the chain trains up to `window` batches at once, one per worker, and the metrics
+arrive with the acks. Its `state_dict()` gathers every worker's layers into the
+in-process checkpoint format, so `fedff eval` scores a pipeline run as it is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections import deque
+from typing import Any
+
+import grpc
+import torch
+
+from fedff.config import Config, ConfigError
+from fedff.ff import negatives as neg
+from fedff.ff.layer import ShapeError
+from fedff.ff.network import InputSpec, training_rows
+from fedff.v1 import worker_pb2 as pb
+from fedff.v1 import worker_pb2_grpc as pb_grpc
+from fedff.wire.frames import Batch, decode_feedback
+from fedff.worker.link import Link, PeerError
+from fedff.worker.security import Security
+from fedff.worker.servicer import state_chunks
+
+CONTROL_TIMEOUT = 60.0
+
+
+def split_layers(n_layers: int, n_workers: int) -> list[tuple[int, int]]:
+    """Contiguous blocks, as even as possible: [first, last) per worker."""
+    if not 1 <= n_workers <= n_layers:
+        raise ConfigError(f"a chain of {n_workers} workers needs 1..{n_layers} workers for "
+                          f"{n_layers} layers; use fewer workers or more layers")
+    base, extra = divmod(n_layers, n_workers)
+    blocks, first = [], 0
+    for i in range(n_workers):
+        last = first + base + (1 if i < extra else 0)
+        blocks.append((first, last))
+        first = last
+    return blocks
+
+
+def check_pipeline_config(cfg: Config) -> None:
+    if cfg.train.algorithm == "supervised" and cfg.train.negatives == "hard":
+        raise ConfigError("train.negatives = 'hard' needs the head's prediction for a batch "
+                          "before that batch enters the chain, which a pipeline only has a "
+                          "round trip later; use --set train.negatives=random for a worker "
+                          "chain, or train in-process with `fedff train`")
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, spec: InputSpec, addresses: list[str],
+                 security: Security = Security(), window: int = 4,
+                 connect_timeout: float = 60.0, give_up_after: float | None = 600.0):
+        check_pipeline_config(cfg)
+        self.cfg, self.spec, self.addresses, self.security = cfg, spec, addresses, security
+        self.device = torch.device("cpu")
+        self.supervised = cfg.train.algorithm == "supervised"
+        self.layers = list(range(len(cfg.model.hidden)))  # evaluate() counts them
+        self.blocks = split_layers(len(cfg.model.hidden), len(addresses))
+        self.window, self.give_up_after = window, give_up_after
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.epoch = 0
+        self.batch_id = 0  # the last id handed to the link
+        self._metrics: deque[dict[str, float]] = deque()
+        self._results: dict[int, dict[str, torch.Tensor]] = {}
+        self._channels = [security.channel(a) for a in addresses]
+        self._stubs = [pb_grpc.LayerWorkerStub(c) for c in self._channels]
+        self._wait_ready(connect_timeout)
+        self.setups = [self._setup(i) for i in range(len(addresses))]
+        # From the end: a worker's downstream is configured before it starts sending.
+        statuses = [self._control(i, pb.CONFIGURE, json.dumps(self.setups[i]))
+                    for i in reversed(range(len(addresses)))]
+        self.batch_id = max(int(s.trained_through) for s in statuses)
+        self.link = self._new_link()
+
+    # -- setup -------------------------------------------------------------------------
+    def _setup(self, i: int) -> dict[str, Any]:
+        first, last = self.blocks[i]
+        last_worker = i == len(self.addresses) - 1
+        return {"config": self.cfg.to_dict(), "features": self.spec.features,
+                "num_classes": self.spec.num_classes, "first": first, "last": last,
+                "head": last_worker,
+                "downstream": None if last_worker else self.addresses[i + 1]}
+
+    def _wait_ready(self, timeout: float) -> None:
+        for address, channel in zip(self.addresses, self._channels):
+            try:
+                grpc.channel_ready_future(channel).result(timeout=timeout)
+            except grpc.FutureTimeoutError as e:
+                raise PeerError(f"worker {address} not reachable after {timeout:.0f} s; start "
+                                f"it with `fedff worker --listen {address}` (and the same "
+                                f"TLS/token flags as this driver)") from e
+
+    def _control(self, i: int, command: int, config_json: str = "") -> pb.WorkerStatus:
+        try:
+            return self._stubs[i].Control(pb.ControlRequest(command=command,
+                                                            config_json=config_json),
+                                          timeout=CONTROL_TIMEOUT,
+                                          metadata=self.security.metadata())
+        except grpc.RpcError as e:
+            raise PeerError(f"worker {self.addresses[i]}: {e.code().name}: {e.details()}") from e
+
+    def _new_link(self) -> Link:
+        return Link(self.addresses[0], self._on_ack, self.security, window=self.window,
+                    give_up_after=self.give_up_after, name="driver")
+
+    def abort(self, reason: str) -> None:
+        """Makes the waiting driver fail now with `reason` (the launcher gave up on a worker)."""
+        self.link.fail(reason)
+
+    def statuses(self) -> list[pb.WorkerStatus]:
+        return [self._control(i, pb.STATUS) for i in range(len(self.addresses))]
+
+    def close(self, shutdown_workers: bool = False) -> None:
+        self.link.close()
+        if shutdown_workers:
+            for i in range(len(self.addresses)):
+                try:
+                    self._control(i, pb.SHUTDOWN)
+                except PeerError:
+                    pass
+        for channel in self._channels:
+            channel.close()
+
+    # -- training ----------------------------------------------------------------------
+    def _on_ack(self, ack: pb.Ack) -> None:
+        if ack.metrics:
+            self._metrics.append(dict(ack.metrics))
+        if ack.feedback.tensors:
+            self._results[ack.batch_id] = decode_feedback(ack.feedback, ack.feedback_data)
+
+    def _send(self, kind: int, tensors: dict[str, torch.Tensor] | None = None, n_pos: int = 0,
+              head: bool = False) -> int:
+        self.batch_id += 1
+        self.link.send(Batch(batch_id=self.batch_id, kind=kind, epoch=self.epoch, n_pos=n_pos,
+                             head=head, tensors=tensors or {}))
+        return self.batch_id
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Sends one batch on its way; returns the metrics of an earlier one, if any."""
+        if x.dim() != 2 or x.shape[1] != self.spec.features or labels.shape != (x.shape[0],):
+            raise ShapeError(f"batch must have shape [batch, {self.spec.features}] with one "
+                             f"label per row, got {list(x.shape)} and {list(labels.shape)}")
+        rows = training_rows(self.cfg, self.spec, x, labels, self.generator)
+        tensors = {"x": rows, "labels": labels}
+        if self.supervised:  # the head reads a neutral-label pass, as in-process
+            tensors["neutral"] = neg.neutral(x, self.spec.num_classes,
+                                             self.cfg.train.label_strength)
+        self._send(pb.TRAIN, tensors, n_pos=x.shape[0])
+        return self._metrics.popleft() if self._metrics else {}
+
+    def end_epoch(self) -> list[dict[str, float]]:
+        """Marks the epoch's end (every worker checkpoints) and waits for the chain to drain."""
+        self.link.wait_acked(self._send(pb.END_EPOCH))
+        out = list(self._metrics)
+        self._metrics.clear()
+        return out
+
+    # -- inference (what evaluate() calls) -----------------------------------------------
+    def _infer(self, rows: torch.Tensor, head: bool) -> dict[str, torch.Tensor]:
+        bid = self._send(pb.EVAL, {"x": rows}, head=head)
+        self.link.wait_acked(bid)
+        return self._results.pop(bid)
+
+    @torch.no_grad()
+    def label_scores(self, x: torch.Tensor) -> torch.Tensor:
+        c, n = self.spec.num_classes, x.shape[0]
+        labels = torch.arange(c).repeat(n)
+        rows = neg.overlay(x.repeat_interleave(c, dim=0), labels, c,
+                           self.cfg.train.label_strength)
+        return self._infer(rows, head=False)["scores"].view(len(self.layers), n, c)
+
+    @torch.no_grad()
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.supervised:
+            x = neg.neutral(x, self.spec.num_classes, self.cfg.train.label_strength)
+        return self._infer(x, head=True)["logits"]
+
+    def goodness_layers(self) -> list[int]:
+        n = len(self.layers)
+        if self.cfg.model.collaboration != "none" or n == 1:
+            return list(range(n))
+        return list(range(1, n))
+
+    # -- state -------------------------------------------------------------------------
+    def _get_state(self, i: int) -> dict[str, Any]:
+        try:
+            data = b"".join(c.data for c in self._stubs[i].GetState(
+                pb.StateRequest(), timeout=CONTROL_TIMEOUT, metadata=self.security.metadata()))
+        except grpc.RpcError as e:
+            raise PeerError(f"worker {self.addresses[i]}: {e.code().name}: {e.details()}") from e
+        return torch.load(io.BytesIO(data), weights_only=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole network in the in-process checkpoint format (plus the chain's place)."""
+        blocks = [self._get_state(i)["block"] for i in range(len(self.addresses))]
+        return {"config": self.cfg.to_dict(), "spec": self.spec.__dict__,
+                "layers": [ls for b in blocks for ls in b["layers"]],
+                "head": blocks[-1]["head"], "epoch": self.epoch,
+                "generator": self.generator.get_state(),
+                "pipeline": {"batch_id": self.batch_id}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Pushes a network state (from a pipeline or an in-process run) into the chain."""
+        if len(state["layers"]) != len(self.layers):
+            raise ShapeError(f"checkpoint has {len(state['layers'])} layers, the chain has "
+                             f"{len(self.layers)}")
+        self.link.close()
+        for i, (first, last) in enumerate(self.blocks):
+            worker_state = {"setup": self.setups[i], "epoch": int(state["epoch"]),
+                            "trained_through": self.batch_id, "acks": {},
+                            "block": {"first": first, "last": last,
+                                      "layers": state["layers"][first:last],
+                                      "head": state["head"] if i == len(self.blocks) - 1
+                                      else None}}
+            try:
+                self._stubs[i].SetState(state_chunks(worker_state), timeout=CONTROL_TIMEOUT,
+                                        metadata=self.security.metadata())
+            except grpc.RpcError as e:
+                raise PeerError(f"worker {self.addresses[i]}: {e.code().name}: "
+                                f"{e.details()}") from e
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+        self.link = self._new_link()
+
+
+
+@dataclass
+class ChainOptions:
+    addresses: list[str] = field(default_factory=list)  # remote workers, in chain order
+    local: int = 0  # or: start this many workers on this host
+    worker_threads: int = 1
+    window: int = 4
+    checkpoint_every: int = 100
+    keep_workers: bool = False  # remote workers: leave them running afterwards
+    worker_args: list[str] = field(default_factory=list)  # e.g. TLS flags for local workers
+
+
+def run_pipeline(cfg: Config, out: Path, options: ChainOptions,
+                 security: Security = Security(), show_progress: bool = True,
+                 resume: bool = False) -> dict[str, Any]:
+    """`fedff train`'s loop and outputs, with the layers in a chain of workers."""
+    from fedff.pipeline.launcher import LocalChain
+    from fedff.train import run
+
+    check_pipeline_config(cfg)
+    pipelines: list[Pipeline] = []
+
+    def build(cfg: Config, ds: Any, device: torch.device) -> Pipeline:
+        spec = InputSpec(ds.features, ds.image_shape, ds.num_classes)
+        pipelines.append(Pipeline(cfg, spec, addresses, security, window=options.window))
+        return pipelines[-1]
+
+    def give_up(reason: str) -> None:  # the launcher stopped restarting a worker
+        for p in pipelines:
+            p.abort(reason)
+
+    def train() -> dict[str, Any]:
+        try:
+            return run(cfg, out, show_progress=show_progress, resume=resume, build=build)
+        finally:
+            for p in pipelines:
+                p.close(shutdown_workers=not options.local and not options.keep_workers)
+
+    if not options.local:
+        addresses = options.addresses
+        return train()
+    with LocalChain(options.local, out / "workers", threads=options.worker_threads,
+                    extra_args=options.worker_args, window=options.window,
+                    checkpoint_every=options.checkpoint_every, on_failure=give_up) as chain:
+        addresses = chain.addresses
+        return train()

@@ -1,0 +1,1 @@
+"""Tensors on the wire: frames, chunking and validation for the layer-worker protocol."""

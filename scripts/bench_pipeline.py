@@ -1,0 +1,244 @@
+"""Benchmark of the layer-worker pipeline: wire throughput, pipeline efficiency, worker RSS.
+
+(a) wire: MB/s of fedff's activation stream (tensors -> frames -> gRPC Train stream ->
+    tensors at the receiver, with the window and acks of the real `Link`) against a raw
+    gRPC stream of bytes messages of the same chunk size, to a receiver in another
+    process, measured alternately in the same run; medians of --reps.
+(b) efficiency: samples/s of a K-worker chain on this host (real worker processes) over
+    samples/s of the in-process engine with the same cores, net and batches, for each K
+    in --chains. The two are timed alternately, --reps times; the median ratio is
+    reported. The first epoch of each measurement warms up and is not timed.
+(c) memory: every worker's RSS after each of --rss-epochs epochs.
+
+    python scripts/bench_pipeline.py --data-dir ../shared/data --out bench_pipeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+
+from fedff import config
+from fedff.data.datasets import Dataset, load_dataset
+from fedff.ff.network import FFNetwork, InputSpec
+from fedff.pipeline.driver import Pipeline
+from fedff.pipeline.launcher import LocalChain
+from fedff.train import train_epoch
+from fedff.v1 import worker_pb2 as pb
+from fedff.v1 import worker_pb2_grpc as pb_grpc
+from fedff.wire.frames import CHUNK_BYTES, Assembler, Batch
+from fedff.wire.rpc import add_worker_to_server
+from fedff.worker.link import Link
+from fedff.worker.security import CHANNEL_OPTIONS, SERVER_OPTIONS
+
+# -- (a) wire ---------------------------------------------------------------------------
+
+
+class SinkServicer(pb_grpc.LayerWorkerServicer):
+    """Assembles every batch into tensors and acks it, as a worker does; no training."""
+
+    def Train(self, request_iterator, context):
+        yield pb.TrainReply(ready=pb.Ready(worker="sink"))
+        assembler = Assembler()
+        for frame in request_iterator:
+            batch = assembler.add(frame)
+            if batch is not None:
+                yield pb.TrainReply(ack=pb.Ack(batch_id=batch.batch_id),
+                                    durable_through=batch.batch_id)
+
+
+def _raw_sink(requests, context):
+    n = 0
+    for chunk in requests:
+        n += len(chunk)
+    return n.to_bytes(8, "little")
+
+
+def serve_sinks(port_queue) -> None:
+    torch.set_num_threads(1)
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
+    add_worker_to_server(SinkServicer(), server)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Raw", {"Sink": grpc.stream_unary_rpc_method_handler(_raw_sink)})])
+    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def raw_stream_mbs(address: str, total_mb: int, chunk: int) -> float:
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    sink = channel.stream_unary("/bench.Raw/Sink")
+    payload = torch.randn(chunk // 4).numpy().tobytes()
+    n = total_mb * 2**20 // chunk
+    start = time.perf_counter()
+    got = int.from_bytes(sink(payload for _ in range(n)), "little")
+    seconds = time.perf_counter() - start
+    channel.close()
+    assert got == n * chunk
+    return got / seconds / 1e6
+
+
+def activation_stream_mbs(address: str, total_mb: int, rows: int, width: int) -> float:
+    x = torch.randn(rows, width)
+    nbytes = x.numel() * 4
+    n = max(1, total_mb * 2**20 // nbytes)
+    link = Link(address, on_ack=lambda ack: None, window=8, name="bench")
+    start = time.perf_counter()
+    for i in range(1, n + 1):
+        link.send(Batch(batch_id=i, kind=pb.TRAIN, n_pos=rows // 2, tensors={"x": x}))
+    link.wait_acked(n)
+    seconds = time.perf_counter() - start
+    link.close()
+    return n * nbytes / seconds / 1e6
+
+
+def bench_wire(reps: int, total_mb: int) -> dict:
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=serve_sinks, args=(ports,), daemon=True)
+    proc.start()
+    address = f"127.0.0.1:{ports.get(timeout=60)}"
+    raw, act = [], []
+    try:
+        # The same message size on both: one 300 x 1000 float32 batch fits one chunk.
+        message = min(CHUNK_BYTES, 300 * 1000 * 4)
+        raw_stream_mbs(address, 64, message)  # warm-up
+        activation_stream_mbs(address, 64, 300, 1000)
+        for _ in range(reps):
+            raw.append(raw_stream_mbs(address, total_mb, message))
+            act.append(activation_stream_mbs(address, total_mb, 300, 1000))
+    finally:
+        proc.terminate()
+    ratios = [a / r for a, r in zip(act, raw)]
+    return {"raw_mb_s": statistics.median(raw), "activation_mb_s": statistics.median(act),
+            "ratio": statistics.median(ratios), "raw_all": raw, "activation_all": act,
+            "batch": "300 x 1000 float32 (1.2 MB)", "message_bytes": message}
+
+
+# -- (b) efficiency ---------------------------------------------------------------------
+
+
+def epoch_rate(net, ds: Dataset, epoch: int) -> float:
+    start = time.perf_counter()
+    train_epoch(net, ds, epoch, show=False)
+    return ds.train_x.shape[0] / (time.perf_counter() - start)
+
+
+def inprocess_rate(cfg, ds: Dataset, threads: int) -> float:
+    torch.set_num_threads(threads)
+    net = FFNetwork(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes))
+    epoch_rate(net, ds, 0)  # warm-up
+    return epoch_rate(net, ds, 1)
+
+
+def chain_rate(cfg, ds: Dataset, k: int, worker_threads: int, root: Path) -> float:
+    torch.set_num_threads(1)
+    with LocalChain(k, root / f"chain{k}", threads=worker_threads) as chain:
+        pipe = Pipeline(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes),
+                        chain.addresses)
+        try:
+            epoch_rate(pipe, ds, 0)
+            return epoch_rate(pipe, ds, 1)
+        finally:
+            pipe.close()
+
+
+def bench_efficiency(cfg, ds: Dataset, chains: list[int], reps: int, threads: int,
+                     root: Path) -> dict:
+    rows: dict[str, dict] = {}
+    for k in chains:
+        base, piped, ratios = [], [], []
+        for _ in range(reps):
+            b = inprocess_rate(cfg, ds, threads)
+            p = chain_rate(cfg, ds, k, 1, root)
+            base.append(b)
+            piped.append(p)
+            ratios.append(p / b)
+        rows[str(k)] = {"inprocess_samples_s": statistics.median(base),
+                        "chain_samples_s": statistics.median(piped),
+                        "efficiency": statistics.median(ratios), "all_ratios": ratios}
+    return rows
+
+
+# -- (c) worker RSS ---------------------------------------------------------------------
+
+
+def bench_rss(cfg, ds: Dataset, k: int, epochs: int, root: Path) -> dict:
+    with LocalChain(k, root / "rss", threads=1) as chain:
+        pipe = Pipeline(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes),
+                        chain.addresses)
+        per_epoch = []
+        try:
+            for epoch in range(epochs):
+                train_epoch(pipe, ds, epoch, show=False)
+                per_epoch.append([round(s.rss_mb, 1) for s in pipe.statuses()])
+        finally:
+            pipe.close()
+    workers = list(zip(*per_epoch))
+    growth = [w[-1] / w[0] - 1 for w in workers]
+    return {"epochs": epochs, "rss_mb_per_epoch": per_epoch,
+            "growth_first_to_last": growth, "max_abs_growth": max(abs(g) for g in growth)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--train-limit", type=int, default=20000,
+                    help="examples per timed epoch (default 20000)")
+    ap.add_argument("--threads", type=int, default=2, help="cores the in-process run uses")
+    ap.add_argument("--chains", default="2,3")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--wire-mb", type=int, default=512)
+    ap.add_argument("--rss-epochs", type=int, default=10)
+    ap.add_argument("--rss-train-limit", type=int, default=6000)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: wire,efficiency,rss")
+    ap.add_argument("--out", default="bench_pipeline.json")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = config.load("mnist-ff-3x1000", ["train.negatives=random", "train.epochs=10",
+                                          f"data.dataset={args.dataset}"])
+    result: dict = {"machine": platform.processor() or platform.machine(),
+                    "cores": torch.get_num_threads(), "torch": torch.__version__,
+                    "grpc": grpc.__version__, "net": "3x1000 supervised FF, random negatives, "
+                    "batch 100"}
+    if "wire" not in skip:
+        result["wire"] = w = bench_wire(args.reps, args.wire_mb)
+        print(f"(a) wire: activation stream {w['activation_mb_s']:.0f} MB/s, raw gRPC bytes "
+              f"{w['raw_mb_s']:.0f} MB/s, ratio {w['ratio']:.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if "efficiency" not in skip:
+            ds = load_dataset(args.dataset, args.data_dir, train_limit=args.train_limit,
+                              test_limit=100)
+            result["efficiency"] = eff = bench_efficiency(
+                cfg, ds, [int(k) for k in args.chains.split(",")], args.reps, args.threads,
+                Path(tmp))
+            print("(b) pipeline efficiency (chain samples/s over in-process samples/s)")
+            print(f"{'workers':>8} {'in-process/s':>13} {'chain/s':>9} {'efficiency':>11}")
+            for k, row in eff.items():
+                print(f"{k:>8} {row['inprocess_samples_s']:>13.0f} "
+                      f"{row['chain_samples_s']:>9.0f} {row['efficiency']:>11.2f}")
+        if "rss" not in skip:
+            ds = load_dataset(args.dataset, args.data_dir, train_limit=args.rss_train_limit,
+                              test_limit=100)
+            result["rss"] = r = bench_rss(cfg, ds, 3, args.rss_epochs, Path(tmp))
+            print(f"(c) worker RSS (MiB) after epochs 1..{r['epochs']}:")
+            for i, w in enumerate(zip(*r["rss_mb_per_epoch"])):
+                print(f"  worker{i}: {' '.join(f'{v:.0f}' for v in w)}")
+            print(f"  largest change first->last epoch: {100 * r['max_abs_growth']:.1f} %")
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
