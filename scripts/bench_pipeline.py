@@ -19,8 +19,10 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import queue
 import statistics
 import tempfile
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -45,16 +47,29 @@ from fedff.worker.security import CHANNEL_OPTIONS, SERVER_OPTIONS
 
 
 class SinkServicer(pb_grpc.LayerWorkerServicer):
-    """Assembles every batch into tensors and acks it, as a worker does; no training."""
+    """Assembles every batch into tensors and acks it, as a worker does (reading on one
+    thread, answering from another); no training."""
 
     def Train(self, request_iterator, context):
         yield pb.TrainReply(ready=pb.Ready(worker="sink"))
-        assembler = Assembler()
-        for frame in request_iterator:
-            batch = assembler.add(frame)
-            if batch is not None:
-                yield pb.TrainReply(ack=pb.Ack(batch_id=batch.batch_id),
-                                    durable_through=batch.batch_id)
+        replies: queue.Queue = queue.Queue()
+
+        def consume() -> None:
+            assembler = Assembler()
+            try:
+                for frame in request_iterator:
+                    batch = assembler.add(frame)
+                    if batch is not None:
+                        replies.put(pb.TrainReply(ack=pb.Ack(batch_id=batch.batch_id),
+                                                  durable_through=batch.batch_id))
+            except grpc.RpcError:
+                pass  # the sender hung up
+            finally:
+                replies.put(None)
+
+        threading.Thread(target=consume, daemon=True).start()
+        while (reply := replies.get()) is not None:
+            yield reply
 
 
 def _raw_sink(requests, context):

@@ -28,27 +28,37 @@ class InputSpec:
     num_classes: int
 
 
+def wrong_labels(cfg: Config, spec: InputSpec, labels: torch.Tensor,
+                 generator: torch.Generator, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The negatives' labels: drawn in proportion to the head's `probs` when given (hard
+    negatives), else uniformly among the wrong ones."""
+    if probs is not None:
+        return neg.hard_wrong_labels(labels, probs.cpu(), generator)
+    return neg.random_wrong_labels(labels.cpu(), spec.num_classes, generator)
+
+
+def overlay_rows(cfg: Config, num_classes: int, x: torch.Tensor, labels: torch.Tensor,
+                 wrong: torch.Tensor) -> torch.Tensor:
+    """Supervised FF's [positives; negatives]: x with its label, then with a wrong one.
+
+    A worker chain's first worker runs this on the examples the driver sends, which
+    carries a third of the bytes that the finished rows would.
+    """
+    strength = cfg.train.label_strength
+    return torch.cat([neg.overlay(x, labels, num_classes, strength),
+                      neg.overlay(x, wrong.to(x.device), num_classes, strength)])
+
+
 def training_rows(cfg: Config, spec: InputSpec, x: torch.Tensor, labels: torch.Tensor,
                   generator: torch.Generator, probs: torch.Tensor | None = None) -> torch.Tensor:
-    """[positives; negatives] for one batch of real examples (x.shape[0] positives).
-
-    Supervised: the true label overlaid, then a wrong one, drawn in proportion to the
-    head's `probs` when given (hard negatives), else uniformly. Unsupervised: x, then
-    hybrid images. The in-process network and the pipeline driver both call this.
-    """
-    c, t = spec.num_classes, cfg.train
+    """[positives; negatives] for one batch of real examples (x.shape[0] positives):
+    label overlays (supervised) or x and hybrid images (unsupervised)."""
     if cfg.train.algorithm == "supervised":
-        if probs is not None:
-            wrong = neg.hard_wrong_labels(labels, probs.cpu(), generator)
-        else:
-            wrong = neg.random_wrong_labels(labels.cpu(), c, generator)
-        pos = neg.overlay(x, labels, c, t.label_strength)
-        negs = neg.overlay(x, wrong.to(x.device), c, t.label_strength)
-    else:
-        pos = x
-        negs = neg.hybrid_images(x.cpu(), spec.image_shape, t.hybrid_blur_steps,
-                                 generator).to(x.device)
-    return torch.cat([pos, negs])
+        wrong = wrong_labels(cfg, spec, labels, generator, probs)
+        return overlay_rows(cfg, spec.num_classes, x, labels, wrong)
+    negs = neg.hybrid_images(x.cpu(), spec.image_shape, cfg.train.hybrid_blur_steps,
+                             generator).to(x.device)
+    return torch.cat([x, negs])
 
 
 class FFNetwork:

@@ -23,7 +23,7 @@ import torch
 from fedff.config import Config, ConfigError
 from fedff.ff import negatives as neg
 from fedff.ff.layer import ShapeError
-from fedff.ff.network import InputSpec, training_rows
+from fedff.ff.network import InputSpec, training_rows, wrong_labels
 from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
 from fedff.wire.frames import Batch, decode_feedback
@@ -153,11 +153,12 @@ class Pipeline:
         if x.dim() != 2 or x.shape[1] != self.spec.features or labels.shape != (x.shape[0],):
             raise ShapeError(f"batch must have shape [batch, {self.spec.features}] with one "
                              f"label per row, got {list(x.shape)} and {list(labels.shape)}")
-        rows = training_rows(self.cfg, self.spec, x, labels, self.generator)
-        tensors = {"x": rows, "labels": labels}
-        if self.supervised:  # the head reads a neutral-label pass, as in-process
-            tensors["neutral"] = neg.neutral(x, self.spec.num_classes,
-                                             self.cfg.train.label_strength)
+        if self.supervised:  # the first worker builds the overlays and the neutral rows
+            wrong = wrong_labels(self.cfg, self.spec, labels, self.generator)
+            tensors = {"examples": x, "labels": labels, "wrong": wrong}
+        else:
+            rows = training_rows(self.cfg, self.spec, x, labels, self.generator)
+            tensors = {"x": rows, "labels": labels}
         self._send(pb.TRAIN, tensors, n_pos=x.shape[0])
         return self._metrics.popleft() if self._metrics else {}
 

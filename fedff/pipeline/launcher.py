@@ -48,7 +48,8 @@ class WorkerProcess:
 class LocalChain:
     """`with LocalChain(3, root) as chain: Pipeline(cfg, spec, chain.addresses)`."""
 
-    def __init__(self, workers: int, root: Path, threads: int = 1, extra_args: list[str] = (),
+    def __init__(self, workers: int, root: Path, threads: int | list[int] = 1,
+                 extra_args: list[str] = (),
                  max_restarts: int = 2, start_timeout: float = 60.0,
                  checkpoint_every: int = 100, window: int = 4,
                  on_failure: Callable[[str], None] | None = None):
@@ -57,12 +58,15 @@ class LocalChain:
         self.max_restarts, self.start_timeout = max_restarts, start_timeout
         self.failed: str | None = None
         self._stopping = threading.Event()
+        per_worker = threads if isinstance(threads, list) else [threads] * workers
+        if len(per_worker) != workers:
+            raise ValueError(f"{len(per_worker)} thread counts for {workers} workers")
         self.workers = []
         for i in range(workers):
             name = f"worker{i}"
             folder = self.root / name
             args = [sys.executable, "-m", "fedff", "worker", "--name", name,
-                    "--checkpoint-dir", str(folder), "--threads", str(threads),
+                    "--checkpoint-dir", str(folder), "--threads", str(per_worker[i]),
                     "--checkpoint-every", str(checkpoint_every), "--window", str(window),
                     *extra_args]
             self.workers.append(WorkerProcess(name, args, folder / "address",

@@ -82,7 +82,12 @@ class WireFrame:
     chunk: int
     chunks: int
     header: pb.FrameHeader | None
-    data: memoryview | bytes
+    data: memoryview | bytes  # parsed frames: one view
+    pieces: tuple[memoryview, ...] = ()  # encoded frames: the tensor slices, in order
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.pieces) if self.pieces else len(self.data)
 
 
 _DATA_FIELD = 5
@@ -105,7 +110,9 @@ def serialize_frame(frame: WireFrame | pb.Frame) -> bytes:
         return frame.SerializeToString()
     meta = pb.Frame(batch_id=frame.batch_id, chunk=frame.chunk, chunks=frame.chunks,
                     header=frame.header).SerializeToString()
-    return b"".join((meta, _varint(_DATA_FIELD << 3 | 2), _varint(len(frame.data)), frame.data))
+    pieces = frame.pieces or (frame.data,)
+    # The one copy on the sending side: tensor memory into the message.
+    return b"".join((meta, _varint(_DATA_FIELD << 3 | 2), _varint(frame.size), *pieces))
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -157,7 +164,7 @@ def encode(batch: Batch, chunk_bytes: int = CHUNK_BYTES) -> list[WireFrame]:
     header = header_for(batch.tensors, batch.kind, batch.epoch, batch.n_pos, batch.head)
     views = [_raw(t) for t in batch.tensors.values()]
     chunks = max(1, math.ceil(header.total_bytes / chunk_bytes))
-    datas: list[memoryview | bytes] = []
+    groups: list[tuple[memoryview, ...]] = []
     pieces: list[memoryview] = []
     filled = 0
     for view in views:
@@ -168,13 +175,13 @@ def encode(batch: Batch, chunk_bytes: int = CHUNK_BYTES) -> list[WireFrame]:
             offset += take
             filled += take
             if filled == chunk_bytes:
-                datas.append(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                groups.append(tuple(pieces))
                 pieces, filled = [], 0
-    if pieces or not datas:
-        datas.append(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-    assert len(datas) == chunks, (len(datas), chunks)
-    return [WireFrame(batch.batch_id, i, chunks, header if i == 0 else None, data)
-            for i, data in enumerate(datas)]
+    if pieces or not groups:
+        groups.append(tuple(pieces))
+    assert len(groups) == chunks, (len(groups), chunks)
+    return [WireFrame(batch.batch_id, i, chunks, header if i == 0 else None, b"", group)
+            for i, group in enumerate(groups)]
 
 
 def _tensors(header: pb.FrameHeader, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -229,8 +236,8 @@ class Assembler:
         self.chunks = 0
 
     def add(self, frame: WireFrame | pb.Frame) -> Batch | None:
-        if isinstance(frame, pb.Frame):
-            frame = parse_frame(frame.SerializeToString())
+        if isinstance(frame, pb.Frame) or frame.pieces:  # not off the wire: normalise it
+            frame = parse_frame(serialize_frame(frame))
         if frame.chunk != self.next_chunk:
             expected = self.next_chunk
             self._reset()

@@ -44,7 +44,7 @@ class Link:
         self.ack_timeout, self.give_up_after, self.name = ack_timeout, give_up_after, name
         self._kept: OrderedDict[int, list[WireFrame]] = OrderedDict()
         self._cond = threading.Condition()
-        self._outbox: queue.Queue | None = None
+        self._outbox: queue.SimpleQueue | None = None
         self.sent_through = 0
         self.acked_through = 0
         self.durable_through = 0
@@ -110,7 +110,7 @@ class Link:
             raise PeerError(f"{self.name}: link to {self.address} is closed")
 
     # -- the connection thread ---------------------------------------------------------
-    def _requests(self, outbox: queue.Queue) -> Iterator[WireFrame]:
+    def _requests(self, outbox: queue.SimpleQueue) -> Iterator[WireFrame]:
         while True:
             item = outbox.get()
             if item is _END:
@@ -158,7 +158,7 @@ class Link:
             self._cond.notify_all()
 
     def _stream(self) -> None:
-        outbox: queue.Queue = queue.Queue()
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
         call = self._train(self._requests(outbox), metadata=self.security.metadata())
         watchdog = threading.Thread(target=self._watch, args=(call,), daemon=True)
         try:
@@ -178,7 +178,7 @@ class Link:
                 if self._outbox is outbox:
                     self._outbox = None
 
-    def _on_ready(self, reply: pb.TrainReply, outbox: queue.Queue) -> None:
+    def _on_ready(self, reply: pb.TrainReply, outbox: queue.SimpleQueue) -> None:
         """Resume: drop what the peer holds durably, re-send everything else, in order."""
         with self._cond:
             self.peer_trained_through = reply.ready.trained_through

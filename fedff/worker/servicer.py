@@ -26,8 +26,10 @@ import grpc
 import torch
 
 from fedff.config import ConfigError, from_dict, validate
+from fedff.ff import negatives as neg
 from fedff.ff.block import BlockPending, LayerBlock, Packet
 from fedff.ff.layer import ShapeError, lr_factor
+from fedff.ff.network import overlay_rows
 from fedff.train import peak_rss_mb, rss_mb
 from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
@@ -63,7 +65,7 @@ class Session:
     """One upstream Train stream: its reply queue, emitted strictly in batch-id order."""
 
     def __init__(self) -> None:
-        self.replies: queue.Queue = queue.Queue()
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
         self.slots: OrderedDict[int, pb.Ack | None] = OrderedDict()
         self.closed = False
         self.draining = False  # the upstream half-closed: end once every answer is out
@@ -377,13 +379,17 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         return t
 
     def _packet(self, batch: Batch) -> Packet:
-        x = self._tensor(batch, "x", torch.float32)
+        labels = self._tensor(batch, "labels", torch.int64, False)
+        if "examples" in batch.tensors:  # supervised, first worker: build the rows here
+            x, neutral = self._overlays(batch, labels)
+        else:
+            x = self._tensor(batch, "x", torch.float32)
+            neutral = self._tensor(batch, "neutral", torch.float32, False)
         assert x is not None
         rows = x.shape[0]
         packet = Packet(x=x, n_pos=batch.n_pos,
                         gamma=self._tensor(batch, "gamma", torch.float32, False),
-                        neutral=self._tensor(batch, "neutral", torch.float32, False),
-                        labels=self._tensor(batch, "labels", torch.int64, False),
+                        neutral=neutral, labels=labels,
                         taps={int(k[4:]): v for k, v in batch.tensors.items()
                               if k.startswith("tap.")})
         if packet.gamma is not None and packet.gamma.shape != (rows,):
@@ -398,6 +404,26 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                     int(packet.labels.max()) < c:
                 raise ShapeError(f"labels must lie in 0..{c - 1}")
         return packet
+
+    def _overlays(self, batch: Batch, labels: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[positives; negatives] and the neutral rows from the examples and labels."""
+        assert self.block is not None
+        examples = self._tensor(batch, "examples", torch.float32)
+        wrong = self._tensor(batch, "wrong", torch.int64)
+        c = int(self.setup["num_classes"])
+        n = examples.shape[0]
+        if labels is None or labels.shape != (n,) or wrong.shape != (n,):
+            raise ShapeError(f"examples need one label and one wrong label each: [{n}]")
+        if n and not (0 <= int(torch.minimum(labels, wrong).min())
+                      and int(torch.maximum(labels, wrong).max()) < c):
+            raise ShapeError(f"labels must lie in 0..{c - 1}")
+        if batch.n_pos != n:
+            raise ShapeError(f"n_pos must equal the number of examples ({n}), got "
+                             f"{batch.n_pos}")
+        cfg = self.block.cfg
+        x = overlay_rows(cfg, c, examples, labels, wrong)
+        return x, neg.neutral(examples, c, cfg.train.label_strength)
 
     @staticmethod
     def _packet_batch(batch: Batch, p: Packet) -> Batch:
