@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse batches larger than this (default 512)")
     wk.add_argument("--ready-file", type=Path, metavar="FILE",
                     help="write the address served on to FILE once listening")
+    wk.add_argument("--exit-with-parent", type=int, metavar="PID",
+                    help=argparse.SUPPRESS)  # set by the local launcher
     _add_security(wk)
 
     ev = sub.add_parser("eval", help="score a checkpoint on its dataset's test set")
@@ -200,6 +202,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fedff.worker.servicer import WorkerOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.exit_with_parent:
+        from fedff.pipeline.launcher import exit_with_parent
+
+        exit_with_parent(args.exit_with_parent)
     options = WorkerOptions(name=args.name, checkpoint_dir=args.checkpoint_dir,
                             checkpoint_every=args.checkpoint_every, window=args.window,
                             device=args.device, next_address=args.next,

@@ -49,7 +49,7 @@ def inprocess_state(cfg) -> dict:
 
 
 def chain_state(cfg, root: Path, workers: int = 3, kill_after: int | None = None,
-                window: int = 2, **chain_kw) -> tuple[dict, LocalChain]:
+                window: int = 2, victim: int = 1, **chain_kw) -> tuple[dict, LocalChain]:
     with LocalChain(workers, root, window=window, **chain_kw) as chain:
         pipe = Pipeline(cfg, SPEC, chain.addresses, window=window)
         sent = 0
@@ -59,7 +59,7 @@ def chain_state(cfg, root: Path, workers: int = 3, kill_after: int | None = None
             nonlocal sent
             sent += 1
             if sent == kill_after:
-                chain.kill(1)
+                chain.kill(victim)
             return original(x, y)
 
         pipe.train_batch = counting
@@ -112,13 +112,17 @@ def test_cff_all_layers_gets_later_scores_through_the_acks(tmp_path):
                                    atol=1e-4, rtol=0)
 
 
-def test_killed_worker_resumes_with_no_batch_lost_or_repeated(tmp_path):
+@pytest.mark.parametrize("workers,victim", [(3, 1), (2, 0)])
+def test_killed_worker_resumes_with_no_batch_lost_or_repeated(tmp_path, workers, victim):
+    """29 batches per epoch; a worker is killed in the middle of the second epoch and
+    restarts from its checkpoint (every 5 batches); the chain re-sends what it lost.
+    With 2 workers the victim holds two layers, run as two threads (stages.py)."""
     cfg = small("train.epochs=3")
-    # 29 batches per epoch; worker 1 is killed in the middle of the second epoch and
-    # restarts from its checkpoint (every 5 batches); the chain re-sends what it lost.
-    piped, chain = chain_state(cfg, tmp_path, 3, kill_after=45, checkpoint_every=5)
-    assert chain.workers[1].restarts == 1 and chain.workers[1].history == [-signal.SIGKILL]
-    assert "resumed from" in chain.workers[1].log_file.read_text()
+    piped, chain = chain_state(cfg, tmp_path, workers, kill_after=45, checkpoint_every=5,
+                               victim=victim)
+    w = chain.workers[victim]
+    assert w.restarts == 1 and w.history == [-signal.SIGKILL]
+    assert "resumed from" in w.log_file.read_text()
     assert_same_network(piped, inprocess_state(cfg))
 
 

@@ -98,26 +98,39 @@ class LayerBlock:
     def train(self, p: Packet) -> tuple[Packet, BlockPending | None, dict[str, float]]:
         """Trains every layer once on p; returns the next block's packet.
 
-        The neutral rows go through first, before any update, which is what a single
-        process does too (the head sees the network as it was before this batch). Under
-        CFF over all layers, the updates wait: `finish(pending, later)` applies them.
+        Under CFF over all layers the updates wait: `finish(pending, later)` applies them.
         """
-        taps = dict(p.taps)
-        neutral = p.neutral
-        if neutral is not None:
-            for i, layer in zip(self.indices, self.layers):
-                neutral = layer.forward(neutral)
-                if i in self.head_layers:
-                    taps[i] = neutral
         if self.mode == "all":
-            out, gamma, pending = self._begin_all(p, taps)
-            metrics: dict[str, float] = {}
-        else:
-            out, gamma, metrics = self._train_now(p, taps)
-            pending = None
-        nxt = Packet(x=out, n_pos=p.n_pos, gamma=gamma, neutral=neutral, labels=p.labels,
-                     taps=taps)
-        return nxt, pending, metrics
+            nxt, pending = self._begin_all(p)
+            return nxt, pending, {}
+        metrics: dict[str, float] = {}
+        for j in range(len(self.layers)):
+            p, layer_metrics = self.train_layer(j, p)
+            metrics.update(layer_metrics)
+        return p, None, metrics
+
+    @torch.no_grad()
+    def train_layer(self, j: int, p: Packet) -> tuple[Packet, dict[str, float]]:
+        """The j-th layer's step (CFF 'all' aside): a worker may run its layers as a
+        pipeline of threads, layer j on one batch while layer j+1 works on the one before.
+
+        The neutral rows go through the layer before its update, so the head sees the
+        network as it was before this batch, as in a single process.
+        """
+        i, layer = self.first + j, self.layers[j]
+        taps, neutral = dict(p.taps), p.neutral
+        if neutral is not None:
+            neutral = layer.forward(neutral)
+            if i in self.head_layers:
+                taps[i] = neutral
+        result = layer.train_step(LayerBatch(p.x, p.n_pos, p.gamma))
+        gamma = p.gamma
+        if self.mode == "earlier":
+            gamma = result.score if gamma is None else gamma + result.score
+        self._tap_positive(i, result.out, p.n_pos, taps, p.neutral)
+        nxt = Packet(x=result.out, n_pos=p.n_pos, gamma=gamma, neutral=neutral,
+                     labels=p.labels, taps=taps)
+        return nxt, {f"layer{i}/{k}": v for k, v in result.metrics.items()}
 
     def _tap_positive(self, i: int, out: torch.Tensor, n_pos: int,
                       taps: dict[int, torch.Tensor], neutral: torch.Tensor | None) -> None:
@@ -125,20 +138,14 @@ class LayerBlock:
         if neutral is None and i in self.head_layers:
             taps[i] = out[:n_pos]
 
-    def _train_now(self, p: Packet, taps: dict[int, torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-        h, gamma, metrics = p.x, p.gamma, {}
-        for i, layer in zip(self.indices, self.layers):
-            result = layer.train_step(LayerBatch(h, p.n_pos, gamma))
-            if self.mode == "earlier":
-                gamma = result.score if gamma is None else gamma + result.score
-            h = result.out
-            self._tap_positive(i, h, p.n_pos, taps, p.neutral)
-            metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
-        return h, gamma, metrics
-
-    def _begin_all(self, p: Packet, taps: dict[int, torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor, BlockPending]:
+    def _begin_all(self, p: Packet) -> tuple[Packet, BlockPending]:
+        """CFF all: every layer's forward pass now, the updates once gamma is complete."""
+        taps, neutral = dict(p.taps), p.neutral
+        if neutral is not None:  # before any update, as in train_layer
+            for i, layer in zip(self.indices, self.layers):
+                neutral = layer.forward(neutral)
+                if i in self.head_layers:
+                    taps[i] = neutral
         pending, h = [], p.x
         for i, layer in zip(self.indices, self.layers):
             pending.append(layer.begin(LayerBatch(h, p.n_pos)))
@@ -147,7 +154,9 @@ class LayerBlock:
         scores = torch.stack([q.score for q in pending])
         block_sum = scores.sum(dim=0)
         gamma = block_sum if p.gamma is None else p.gamma + block_sum
-        return h, gamma, BlockPending(pending, scores, p.gamma)
+        nxt = Packet(x=h, n_pos=p.n_pos, gamma=gamma, neutral=neutral, labels=p.labels,
+                     taps=taps)
+        return nxt, BlockPending(pending, scores, p.gamma)
 
     @torch.no_grad()
     def finish(self, bp: BlockPending, later: torch.Tensor | None
@@ -186,12 +195,18 @@ class LayerBlock:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, scores [block layers, rows]); head-layer outputs go into taps."""
         scores = []
-        for i, layer in zip(self.indices, self.layers):
-            x, s = layer.forward_with_score(x)
+        for j in range(len(self.layers)):
+            x, s = self.infer_layer(j, x, taps)
             scores.append(s)
-            if taps is not None and i in self.head_layers:
-                taps[i] = x
         return x, torch.stack(scores)
+
+    @torch.no_grad()
+    def infer_layer(self, j: int, x: torch.Tensor, taps: dict[int, torch.Tensor] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, score = self.layers[j].forward_with_score(x)
+        if taps is not None and self.first + j in self.head_layers:
+            taps[self.first + j] = out
+        return out, score
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -26,11 +26,16 @@ log = logging.getLogger("fedff.launcher")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def exit_with_parent(parent_pid: int) -> None:
+    """Called by a worker at start: SIGTERM when the launcher dies (Linux), so no orphan
+    keeps a port. Set in the worker, not in a preexec_fn: forking a process that runs
+    gRPC threads and running Python before exec can crash the child."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -66,6 +71,7 @@ class LocalChain:
             name = f"worker{i}"
             folder = self.root / name
             args = [sys.executable, "-m", "fedff", "worker", "--name", name,
+                    "--exit-with-parent", str(os.getpid()),
                     "--checkpoint-dir", str(folder), "--threads", str(per_worker[i]),
                     "--checkpoint-every", str(checkpoint_every), "--window", str(window),
                     *extra_args]
@@ -103,8 +109,7 @@ class LocalChain:
     def _spawn(self, w: WorkerProcess, listen: str) -> None:
         out = open(w.log_file, "ab")
         w.process = subprocess.Popen([*w.args, "--listen", listen, "--ready-file",
-                                      str(w.ready_file)], stdout=out, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent, env={**os.environ})
+                                      str(w.ready_file)], stdout=out, stderr=subprocess.STDOUT)
         out.close()
 
     def _await_ready(self, w: WorkerProcess) -> None:

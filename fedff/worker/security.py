@@ -24,6 +24,7 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
+    ("grpc.http2.max_frame_size", 4 * 2**20),
 ]
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -32,6 +33,7 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
+    ("grpc.http2.max_frame_size", 4 * 2**20),
     ("grpc.so_reuseport", 0),  # a second worker on a busy port fails instead of sharing it
 ]
 

@@ -71,7 +71,8 @@ class WorkerServer:
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
-        self.servicer.checkpoint()
+        self.servicer.close_session()
+        self.servicer.checkpoint_now()
         self.servicer.close()
         self.server.stop(grace).wait()
 

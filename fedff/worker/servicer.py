@@ -37,6 +37,7 @@ from fedff.wire.frames import (CHUNK_BYTES, MAX_BATCH_BYTES, Assembler, Batch, W
                                WireFrame, decode_feedback, encode, header_for, payload)
 from fedff.worker.link import Link, PeerError
 from fedff.worker.security import Security
+from fedff.worker.stages import Job, Stager
 
 log = logging.getLogger("fedff.worker")
 CHECKPOINT = "worker.pt"
@@ -102,6 +103,8 @@ class InFlight:
     metrics: dict[str, float] = field(default_factory=dict)
     pending: BlockPending | None = None
     scores: torch.Tensor | None = None  # EVAL: this block's scores, [layers, rows]
+    staged: bool = False  # still in the layer threads (see stages.py)
+    snapshot: dict[str, Any] | None = None  # END_EPOCH: the block's state at this id
 
 
 @dataclass
@@ -127,6 +130,8 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         self.block: LayerBlock | None = None
         self.setup: dict[str, Any] = {}
         self.link: Link | None = None
+        self.stager: Stager | None = None
+        self.head_epoch = -1
         self.epoch = -1
         self.received_through = 0  # last id accepted; _frontier(): last id fully applied
         self.own_durable = 0
@@ -148,6 +153,11 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         with self._lock:
             if self.link is not None:
                 self.link.close()
+            if self.stager is not None:
+                self.stager.close()
+            self.stager = (Stager(block, self._stage_done, self._stage_failed)
+                           if len(block.layers) > 1 and block.mode != "all" else None)
+            self.head_epoch = -1
             self.block, self.setup = block, setup
             self.epoch, self.received_through = -1, 0
             self.own_durable = 0
@@ -188,16 +198,25 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                 "trained_through": self._frontier(),
                 "acks": {k: v.SerializeToString() for k, v in self.acks.items()}}
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, snapshot: dict[str, Any] | None = None) -> None:
+        """Writes the live state, or `snapshot` (a staged block's state at one batch id)."""
         with self._lock:
             if self.block is None or self.opt.checkpoint_dir is None:
                 return
             path = self.opt.checkpoint_dir / CHECKPOINT
             path.parent.mkdir(parents=True, exist_ok=True)
-            state = self._state()
+            state = self._state() if snapshot is None else {
+                "setup": self.setup, **snapshot,
+                "acks": {k: v.SerializeToString() for k, v in self.acks.items()}}
             torch.save(state, path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
             self.own_durable = state["trained_through"]
+
+    def checkpoint_now(self) -> None:
+        """A checkpoint on request (Control, shutdown): first let layer threads finish."""
+        if self.stager is not None:
+            self.stager.wait_idle(timeout=30)
+        self.checkpoint()
 
     def _restore(self, path: Path) -> None:
         state = torch.load(path, weights_only=True)
@@ -314,6 +333,8 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         """Runs the block on one batch; returns what goes downstream (None at the end)."""
         assert self.block is not None
         bid, last = batch.batch_id, self.link is None
+        if self.stager is not None:
+            return self._submit(batch)
         if batch.kind == pb.END_EPOCH:
             self.received_through = bid
             if last:
@@ -328,6 +349,96 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         raise WireError(f"batch {bid} has frame kind {batch.kind}; send TRAIN, EVAL, "
                         f"END_EPOCH or REPLAY")
 
+    # -- a block of several layers: one thread per layer (stages.py) --------------------
+    def _submit(self, batch: Batch) -> None:
+        """Validates a batch here, so a bad one is refused before any layer sees it."""
+        assert self.stager is not None
+        bid, kind = batch.batch_id, batch.kind
+        job = Job(batch)
+        if kind == pb.TRAIN:
+            job.packet = self._packet(batch)
+        elif kind == pb.EVAL:
+            job.x = self._input(batch, "x")
+            job.taps = ({int(k[4:]): v for k, v in batch.tensors.items()
+                         if k.startswith("tap.")} if batch.head else None)
+        elif kind != pb.END_EPOCH:
+            raise WireError(f"batch {bid} has frame kind {kind}; send TRAIN, EVAL, "
+                            f"END_EPOCH or REPLAY")
+        every = self.opt.checkpoint_every
+        if kind == pb.END_EPOCH or (kind == pb.TRAIN and every and bid % every == 0):
+            job.snapshots = []
+        self.inflight[bid] = InFlight(kind=kind, staged=True)
+        self.received_through = bid
+        self.stager.submit(job)
+        return None
+
+    def _stage_done(self, job: Job) -> None:
+        """The last layer thread finished a job: continue as the inline path does."""
+        with self._lock:
+            out = self._after_stages(job)
+        if out is not None:
+            assert self.link is not None
+            self.link.send(out)
+
+    def _stage_failed(self, job: Job, error: BaseException) -> None:
+        with self._lock:
+            if self._session is not None:
+                self._session.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"{self.opt.name} failed on batch {job.batch.batch_id}: "
+                                    f"{type(error).__name__}: {error}")
+
+    def _after_stages(self, job: Job) -> Batch | None:
+        assert self.block is not None
+        batch, bid, last = job.batch, job.batch.batch_id, self.link is None
+        flight = self.inflight[bid]
+        flight.staged = False
+        head = self.block.head
+        if batch.kind == pb.TRAIN:
+            assert job.packet is not None
+            if head is not None and self.head_epoch != batch.epoch:
+                cfg = self.block.cfg
+                head.set_lr_factor(lr_factor(cfg.optim.schedule, batch.epoch,
+                                             cfg.train.epochs))
+                self.head_epoch = batch.epoch
+            self.epoch = batch.epoch
+            if last:
+                job.metrics.update(self.block.train_head(job.packet))
+            if job.snapshots is not None:
+                self.checkpoint(self._snapshot(job, bid))
+            if last:
+                del self.inflight[bid]
+                self._answer(bid, pb.TRAIN, job.metrics, {})
+                return None
+            flight.metrics = job.metrics
+            return self._packet_batch(batch, job.packet)
+        if batch.kind == pb.EVAL:
+            scores = torch.stack(job.scores)
+            if last:
+                feedback = {"scores": scores}
+                if job.taps is not None and head is not None:
+                    feedback["logits"] = head.logits(self.block.head_features(job.taps))
+                del self.inflight[bid]
+                self._answer(bid, pb.EVAL, {}, feedback)
+                return None
+            flight.scores = scores
+            tensors = {"x": job.x, **{f"tap.{i}": t for i, t in (job.taps or {}).items()}}
+            return Batch(batch_id=bid, kind=pb.EVAL, head=batch.head, tensors=tensors)
+        flight.snapshot = self._snapshot(job, bid)  # END_EPOCH
+        if last:
+            del self.inflight[bid]
+            self._answer(bid, pb.END_EPOCH, {}, {}, flight.snapshot)
+            return None
+        return Batch(batch_id=bid, kind=pb.END_EPOCH, epoch=batch.epoch)
+
+    def _snapshot(self, job: Job, bid: int) -> dict[str, Any]:
+        assert self.block is not None and job.snapshots is not None
+        head = self.block.head
+        return {"block": {"first": self.block.first, "last": self.block.last,
+                          "layers": job.snapshots,
+                          "head": None if head is None else head.state_dict()},
+                "epoch": max(self.epoch, 0), "trained_through": bid}
+
+    # -- a block run inline, on the consumer thread ------------------------------------
     def _process_train(self, batch: Batch, last: bool) -> Batch | None:
         assert self.block is not None
         bid = batch.batch_id
@@ -387,6 +498,11 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
             neutral = self._tensor(batch, "neutral", torch.float32, False)
         assert x is not None
         rows = x.shape[0]
+        self._check_input(x, "x")
+        if neutral is not None:
+            self._check_input(neutral, "neutral")
+        if not 0 < batch.n_pos <= rows:
+            raise ShapeError(f"n_pos must be in 1..{rows} (the rows of x), got {batch.n_pos}")
         packet = Packet(x=x, n_pos=batch.n_pos,
                         gamma=self._tensor(batch, "gamma", torch.float32, False),
                         neutral=neutral, labels=labels,
@@ -404,6 +520,16 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                     int(packet.labels.max()) < c:
                 raise ShapeError(f"labels must lie in 0..{c - 1}")
         return packet
+
+    def _check_input(self, x: torch.Tensor, what: str) -> None:
+        assert self.block is not None
+        self.block.layers[0]._check(x, what)
+
+    def _input(self, batch: Batch, name: str) -> torch.Tensor:
+        x = self._tensor(batch, name, torch.float32)
+        assert x is not None
+        self._check_input(x, name)
+        return x
 
     def _overlays(self, batch: Batch, labels: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,7 +568,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
 
     def _frontier(self) -> int:
         """The last id up to which every update is applied (CFF all defers some)."""
-        waiting = [i for i, f in self.inflight.items() if f.pending is not None]
+        waiting = [i for i, f in self.inflight.items() if f.pending is not None or f.staged]
         return min(waiting) - 1 if waiting else self.received_through
 
     # -- answers from downstream -------------------------------------------------------
@@ -456,6 +582,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
             feedback: dict[str, torch.Tensor] = {}
             if flight.kind == pb.REPLAY:
                 feedback = later
+                metrics = {}
             elif flight.kind == pb.TRAIN and flight.pending is not None:
                 assert self.block is not None
                 feedback["scores"], finish_metrics = self.block.finish(flight.pending,
@@ -469,13 +596,14 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                 if "logits" in later:
                     feedback["logits"] = later["logits"]
             metrics.update(ack.metrics)
-            self._answer(ack.batch_id, flight.kind, metrics, feedback)
+            self._answer(ack.batch_id, flight.kind, metrics, feedback, flight.snapshot)
 
     def _answer(self, bid: int, kind: int, metrics: dict[str, float],
-                feedback: dict[str, torch.Tensor]) -> None:
+                feedback: dict[str, torch.Tensor],
+                snapshot: dict[str, Any] | None = None) -> None:
         """Caches the answer for bid and sends it upstream, in id order."""
         if kind == pb.END_EPOCH:
-            self.checkpoint()
+            self.checkpoint(snapshot)
         ack = pb.Ack(batch_id=bid, metrics=metrics, feedback=header_for(feedback),
                      feedback_data=payload(feedback))
         self.acks[bid] = ack
@@ -493,6 +621,8 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                 batch = assembler.add(frame)
                 if batch is None:
                     continue
+                if self.stager is not None:
+                    self.stager.wait_idle(timeout=60)
                 with self._lock:
                     if self.block is None:
                         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -507,6 +637,8 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
 
     def GetState(self, request: pb.StateRequest, context: grpc.ServicerContext
                  ) -> Iterator[pb.StateChunk]:
+        if self.stager is not None:
+            self.stager.wait_idle(timeout=60)
         with self._lock:
             if self.block is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -545,9 +677,10 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
             except (json.JSONDecodeError, ConfigError, ShapeError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         elif request.command == pb.CHECKPOINT:
-            self.checkpoint()
+            self.checkpoint_now()
         elif request.command == pb.SHUTDOWN:
-            self.checkpoint()
+            self.close_session()
+            self.checkpoint_now()
             status = self.status()
             self.on_shutdown()
             return status
@@ -556,9 +689,16 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                           f"unknown command {request.command}")
         return self.status()
 
-    def close(self) -> None:
+    def close_session(self) -> None:
+        """Stops taking batches from the upstream (it will reconnect and re-send)."""
         with self._lock:
             if self._session is not None:
                 self._session.close()
+
+    def close(self) -> None:
+        self.close_session()
+        with self._lock:
+            if self.stager is not None:
+                self.stager.close()
             if self.link is not None:
                 self.link.close()
