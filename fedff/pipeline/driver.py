@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import deque
@@ -75,6 +76,9 @@ class Pipeline:
         self._channels = [security.channel(a) for a in addresses]
         self._stubs = [pb_grpc.LayerWorkerStub(c) for c in self._channels]
         self._wait_ready(connect_timeout)
+        # A new run id: workers still holding an earlier run (same config or not) start
+        # afresh; a resumed run pushes its own state in (load_state_dict).
+        self.run_id = uuid.uuid4().hex
         self.setups = [self._setup(i) for i in range(len(addresses))]
         # From the end: a worker's downstream is configured before it starts sending.
         statuses = [self._control(i, pb.CONFIGURE, json.dumps(self.setups[i]))
@@ -86,7 +90,7 @@ class Pipeline:
     def _setup(self, i: int) -> dict[str, Any]:
         first, last = self.blocks[i]
         last_worker = i == len(self.addresses) - 1
-        return {"config": self.cfg.to_dict(), "features": self.spec.features,
+        return {"run": self.run_id, "config": self.cfg.to_dict(), "features": self.spec.features,
                 "num_classes": self.spec.num_classes, "first": first, "last": last,
                 "head": last_worker,
                 "downstream": None if last_worker else self.addresses[i + 1]}

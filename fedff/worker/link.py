@@ -193,12 +193,13 @@ class Link:
     def _on_reply(self, reply: pb.TrainReply) -> None:
         ack = reply.ack if reply.HasField("ack") else None
         fresh = ack is not None and ack.batch_id == self.acked_through + 1
+        with self._cond:  # drop first: the ack handler may checkpoint and trim memory
+            self._drop_durable(reply.durable_through)
         if fresh:
             self.on_ack(ack)  # outside the lock: it may run a layer update
         with self._cond:
             if fresh:
                 self.acked_through = ack.batch_id
-            self._drop_durable(reply.durable_through)
             self._last_progress = time.monotonic()
             self._cond.notify_all()
 

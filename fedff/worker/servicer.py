@@ -12,6 +12,7 @@ The block and the head are the engine's own `LayerBlock`, unchanged.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import logging
@@ -49,6 +50,18 @@ _END = object()
 class Abort:
     code: grpc.StatusCode
     message: str
+
+
+def release_free_memory() -> None:
+    """Returns freed heap pages to the OS (glibc), so RSS shows what the worker holds.
+
+    Batches come and go as large short-lived buffers; without this, RSS at an epoch's end
+    depends on where the allocator's high-water mark happened to be.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def state_chunks(state: dict[str, Any]) -> Iterator[pb.StateChunk]:
@@ -604,6 +617,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         """Caches the answer for bid and sends it upstream, in id order."""
         if kind == pb.END_EPOCH:
             self.checkpoint(snapshot)
+            release_free_memory()
         ack = pb.Ack(batch_id=bid, metrics=metrics, feedback=header_for(feedback),
                      feedback_data=payload(feedback))
         self.acks[bid] = ack
