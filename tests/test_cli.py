@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fedff.cli import main
 
@@ -37,6 +38,14 @@ def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
     assert main(["train", "--set", "train.epochs=3", "--resume", *common]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
+    # extending the run applies the 3-epoch schedule: the same weights as 3 epochs straight
+    straight = str(tmp_path / "straight")
+    assert main(["train", "--set", "train.epochs=3", "--set", "model.hidden=50,50", "--out",
+                 straight, "--quiet"]) == 0
+    resumed = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["network"]
+    direct = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["network"]
+    for a, b in zip(resumed["layers"], direct["layers"]):
+        assert torch.equal(a["module"]["weight"], b["module"]["weight"])
 
 
 @pytest.mark.parametrize("args,message", [

@@ -355,3 +355,26 @@ def test_worker_dying_for_good_stops_the_chain_and_fails_the_driver(tmp_path):
             finally:
                 pipe.close()
     assert all(w.process.poll() is not None for w in chain.workers)
+
+
+def test_resumed_pipeline_run_continues_exactly(tmp_path):
+    """A driver restarted with --resume pushes its checkpoint into a fresh chain."""
+    from fedff.pipeline.driver import ChainOptions, run_pipeline
+
+    out = tmp_path / "run"
+    options = ChainOptions(local=3, checkpoint_every=5)
+    run_pipeline(small("train.epochs=1"), out, options, show_progress=False)
+    run_pipeline(small("train.epochs=2"), out, options, show_progress=False, resume=True)
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert [r["epoch"] for r in saved["history"]] == [1, 2]
+    assert_same_network(saved["network"], inprocess_state(small("train.epochs=2")))
+
+
+def test_cli_refuses_hard_negatives_before_starting_workers(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedff", "pipeline", "--local", "3",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.negatives=random" in lines[0]
+    assert not (tmp_path / "run" / "workers").exists()

@@ -221,5 +221,9 @@ class LayerBlock:
                              f"block holds [{self.first}, {self.last})")
         for layer, ls in zip(self.layers, state["layers"]):
             layer.load_state_dict(ls)
+            if layer.config.epochs != self.cfg.train.epochs:
+                # A resumed run may set a longer (or shorter) schedule: it applies from here.
+                layer.config.epochs = self.cfg.train.epochs
+                layer.set_epoch(layer.epoch)
         if self.head is not None and state.get("head") is not None:
             self.head.load_state_dict(state["head"])
