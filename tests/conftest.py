@@ -11,6 +11,14 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts on one thread: a run with `train.threads` set changes torch's
+    process-wide count, and the worker-chain tests compare against this process bitwise."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The real MNIST / Fashion-MNIST folder, from FEDFF_DATA_DIR; skips when absent."""

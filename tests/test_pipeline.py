@@ -378,3 +378,36 @@ def test_cli_refuses_hard_negatives_before_starting_workers(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.negatives=random" in lines[0]
     assert not (tmp_path / "run" / "workers").exists()
+
+
+def test_forward_and_state_rpcs(tmp_path):
+    """Forward is inference on the worker's block; GetState/SetState move its full state."""
+    from fedff.wire.frames import Assembler
+    from fedff.wire.rpc import forward_method
+    from fedff.worker.servicer import state_chunks
+
+    server = serve(tmp_path)
+    try:
+        channel = grpc.insecure_channel(server.address)
+        configure(channel)
+        train_call(channel, [good_batch(1), good_batch(2)])
+        x = torch.rand(5, SPEC.features)
+        frames = encode(Batch(batch_id=1, kind=pb.EVAL, tensors={"x": x}))
+        assembler, got = Assembler(), None
+        for frame in forward_method(channel)(iter(frames), timeout=20):
+            got = assembler.add(frame) or got
+        out, scores = server.servicer.block.infer(x)
+        assert torch.equal(got.tensors["out"], out) and torch.equal(got.tensors["scores"], scores)
+
+        stub = pb_grpc.LayerWorkerStub(channel)
+        data = b"".join(c.data for c in stub.GetState(pb.StateRequest(), timeout=20))
+        state = torch.load(__import__("io").BytesIO(data), weights_only=True)
+        assert state["trained_through"] == 2 and len(state["block"]["layers"]) == 3
+        train_call(channel, [good_batch(3)])  # move on, then put the old state back
+        status = stub.SetState(state_chunks(state), timeout=20)
+        assert status.trained_through == 2
+        restored = server.servicer.block.state_dict()
+        for a, b in zip(restored["layers"], state["block"]["layers"]):
+            assert torch.equal(a["module"]["weight"], b["module"]["weight"])
+    finally:
+        server.stop()
