@@ -1,0 +1,1 @@
+"""Federation: a Flower coordinator that aggregates each FF layer across data owners."""

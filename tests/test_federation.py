@@ -1,0 +1,95 @@
+"""Per-layer aggregation: the example-weighted mean per layer, untouched layers kept."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedff import config
+from fedff.data.datasets import load_digits
+from fedff.federation.strategy import LayerwiseFedAvg, Schedule, aggregate_layers
+from fedff.federation.task import load_network_arrays, network_arrays
+from fedff.ff.network import FFNetwork, InputSpec
+
+DIGITS = load_digits()
+SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, DIGITS.num_classes)
+RNG = np.random.default_rng(0)
+KEYS = ["layer0.weight", "layer0.bias", "layer1.weight", "layer1.bias", "layer2.weight",
+        "head.weight"]
+
+
+def record(keys: list[str]) -> ArrayRecord:
+    return ArrayRecord({k: Array(RNG.normal(size=(4, 3)).astype(np.float32)) for k in keys})
+
+
+def reply(arrays: ArrayRecord, examples: int, loss: float = 0.0) -> RecordDict:
+    return RecordDict({"arrays": arrays,
+                       "metrics": MetricRecord({"num-examples": examples, "loss": loss})})
+
+
+def test_each_layer_is_the_weighted_mean_of_the_clients_that_trained_it():
+    current = record(KEYS)
+    a = record(["layer0.weight", "layer0.bias", "layer1.weight", "layer1.bias"])
+    b = record(["layer0.weight", "layer0.bias"])
+    idle = record(["layer0.weight", "layer0.bias"])  # sent, but trained on nothing
+    out = aggregate_layers(current, [reply(a, 100), reply(b, 300), reply(idle, 0)])
+    for k in ("layer0.weight", "layer0.bias"):
+        want = (100 * a[k].numpy() + 300 * b[k].numpy()) / 400
+        np.testing.assert_allclose(out[k].numpy(), want, rtol=1e-6)
+    for k in ("layer1.weight", "layer1.bias"):  # only client a trained layer 1
+        np.testing.assert_allclose(out[k].numpy(), a[k].numpy(), rtol=1e-6)
+    for k in ("layer2.weight", "head.weight"):  # nobody trained these: unchanged
+        assert np.array_equal(out[k].numpy(), current[k].numpy())
+    assert out["layer0.weight"].numpy().dtype == np.float32
+
+
+@pytest.fixture
+def run_context():
+    """Messages are made inside a Flower run; outside one, name a run id for them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+def test_strategy_aggregates_real_reply_messages(run_context):
+    strategy = LayerwiseFedAvg(Schedule("progressive", layers=3, rounds_per_layer=2))
+    current = record(KEYS)
+    strategy._current = current
+    replies = []
+    for n, loss in ((10, 1.0), (30, 2.0)):
+        ask = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1,
+                      message_type="train")
+        replies.append(Message(reply(record(["layer1.weight"]), n, loss), reply_to=ask))
+    arrays, metrics = strategy.aggregate_train(3, replies)
+    want = (10 * replies[0].content["arrays"]["layer1.weight"].numpy()
+            + 30 * replies[1].content["arrays"]["layer1.weight"].numpy()) / 40
+    np.testing.assert_allclose(arrays["layer1.weight"].numpy(), want, rtol=1e-6)
+    assert np.array_equal(arrays["layer0.weight"].numpy(), current["layer0.weight"].numpy())
+    assert metrics["loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("all", [[0, 1, 2]] * 7),
+    ("progressive", [[0], [0], [1], [1], [2], [2], [2]]),
+])
+def test_schedules(kind, expected):
+    schedule = Schedule(kind, layers=3, rounds_per_layer=2)
+    assert [schedule.layers_for(r) for r in range(1, 8)] == expected
+
+
+def test_network_arrays_round_trip_and_partial_load():
+    cfg = config.load("digits-ff", ["model.hidden=[20, 20, 20]"])
+    a = FFNetwork(cfg, SPEC)
+    b = FFNetwork(config.load("digits-ff", ["model.hidden=[20, 20, 20]", "train.seed=1"]), SPEC)
+    before = b.layers[2].weights()["weight"].clone()
+    load_network_arrays(b, network_arrays(a, layers=[0, 1], head=False))
+    for i in (0, 1):
+        assert torch.equal(a.layers[i].weights()["weight"], b.layers[i].weights()["weight"])
+    assert torch.equal(b.layers[2].weights()["weight"], before)
+    load_network_arrays(b, network_arrays(a))
+    assert torch.equal(a.head.linear.weight, b.head.linear.weight)
+    with pytest.raises(KeyError, match="layer 7"):
+        load_network_arrays(b, ArrayRecord({"layer7.weight": Array(np.zeros((2, 2),
+                                                                            np.float32))}))
