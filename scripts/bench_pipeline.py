@@ -192,16 +192,18 @@ def bench_rss(cfg, ds: Dataset, k: int, epochs: int, root: Path) -> dict:
     with LocalChain(k, root / "rss", threads=1) as chain:
         pipe = Pipeline(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes),
                         chain.addresses)
-        per_epoch = []
+        per_epoch, peaks = [], []
         try:
             for epoch in range(epochs):
                 train_epoch(pipe, ds, epoch, show=False)
-                per_epoch.append([round(s.rss_mb, 1) for s in pipe.statuses()])
+                statuses = pipe.statuses()
+                per_epoch.append([round(s.rss_mb, 1) for s in statuses])
+                peaks.append([round(s.peak_rss_mb, 1) for s in statuses])
         finally:
             pipe.close()
     workers = list(zip(*per_epoch))
     growth = [w[-1] / w[0] - 1 for w in workers]
-    return {"epochs": epochs, "rss_mb_per_epoch": per_epoch,
+    return {"epochs": epochs, "rss_mb_per_epoch": per_epoch, "peak_rss_mb_per_epoch": peaks,
             "growth_first_to_last": growth, "max_abs_growth": max(abs(g) for g in growth)}
 
 
@@ -247,9 +249,10 @@ def main() -> None:
             ds = load_dataset(args.dataset, args.data_dir, train_limit=args.rss_train_limit,
                               test_limit=100)
             result["rss"] = r = bench_rss(cfg, ds, 3, args.rss_epochs, Path(tmp))
-            print(f"(c) worker RSS (MiB) after epochs 1..{r['epochs']}:")
-            for i, w in enumerate(zip(*r["rss_mb_per_epoch"])):
-                print(f"  worker{i}: {' '.join(f'{v:.0f}' for v in w)}")
+            print(f"(c) worker RSS (MiB) after epochs 1..{r['epochs']} (peak so far):")
+            for i, (w, p) in enumerate(zip(zip(*r["rss_mb_per_epoch"]),
+                                           zip(*r["peak_rss_mb_per_epoch"]))):
+                print(f"  worker{i}: {' '.join(f'{v:.0f}({q:.0f})' for v, q in zip(w, p))}")
             print(f"  largest change first->last epoch: {100 * r['max_abs_growth']:.1f} %")
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
