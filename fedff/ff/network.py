@@ -61,6 +61,34 @@ def training_rows(cfg: Config, spec: InputSpec, x: torch.Tensor, labels: torch.T
     return torch.cat([x, negs])
 
 
+def check_batch(spec: InputSpec, x: torch.Tensor, labels: torch.Tensor) -> None:
+    if x.dim() != 2 or x.shape[1] != spec.features:
+        raise ShapeError(f"batch must have shape [batch, {spec.features}], got "
+                         f"{list(x.shape)}; flatten images to {spec.features} features")
+    if labels.shape != (x.shape[0],):
+        raise ShapeError(f"labels must have shape [{x.shape[0]}], got {list(labels.shape)}")
+
+
+def label_overlays(cfg: Config, num_classes: int, x: torch.Tensor) -> torch.Tensor:
+    """x once per candidate label, that label overlaid: [batch * classes, features]."""
+    labels = torch.arange(num_classes, device=x.device).repeat(x.shape[0])
+    return neg.overlay(x.repeat_interleave(num_classes, dim=0), labels, num_classes,
+                       cfg.train.label_strength)
+
+
+def goodness_layers(cfg: Config) -> list[int]:
+    """Layers whose goodness votes for a label.
+
+    Plain FF: hidden layers >= 2, as in the paper (the first layer's goodness is mostly
+    about the label pixels). Collaborative FF: all layers, because the sum over all
+    layers is the quantity every layer was trained to make right.
+    """
+    n = len(cfg.model.hidden)
+    if cfg.model.collaboration != "none" or n == 1:
+        return list(range(n))
+    return list(range(1, n))
+
+
 class FFNetwork:
     def __init__(self, cfg: Config, spec: InputSpec, device: str | torch.device = "cpu"):
         self.cfg, self.spec, self.device = cfg, spec, torch.device(device)
@@ -80,16 +108,9 @@ class FFNetwork:
         self.block.set_epoch(epoch, lr_factor(self.cfg.optim.schedule, epoch,
                                               self.cfg.train.epochs))
 
-    def _check_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.spec.features:
-            raise ShapeError(f"batch must have shape [batch, {self.spec.features}], got "
-                             f"{list(x.shape)}; flatten images to {self.spec.features} features")
-        if labels.shape != (x.shape[0],):
-            raise ShapeError(f"labels must have shape [{x.shape[0]}], got {list(labels.shape)}")
-
     def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One step of every layer and of the head on one batch of real examples."""
-        self._check_batch(x, labels)
+        check_batch(self.spec, x, labels)
         x, labels = x.to(self.device), labels.to(self.device)
         t = self.cfg.train
         metrics: dict[str, float] = {}
@@ -144,25 +165,12 @@ class FFNetwork:
     @torch.no_grad()
     def label_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Each layer's score for every candidate label: [layers, batch, classes]."""
-        c = self.spec.num_classes
-        n = x.shape[0]
-        x = x.to(self.device)
-        labels = torch.arange(c, device=self.device).repeat(n)
-        _, scores = self.activities(neg.overlay(x.repeat_interleave(c, dim=0), labels, c,
-                                                self.cfg.train.label_strength))
-        return scores.view(len(self.layers), n, c)
+        rows = label_overlays(self.cfg, self.spec.num_classes, x.to(self.device))
+        _, scores = self.activities(rows)
+        return scores.view(len(self.layers), x.shape[0], self.spec.num_classes)
 
     def goodness_layers(self) -> list[int]:
-        """Layers whose goodness votes for a label.
-
-        Plain FF: hidden layers >= 2, as in the paper (the first layer's goodness is mostly
-        about the label pixels). Collaborative FF: all layers, because the sum over all
-        layers is the quantity every layer was trained to make right.
-        """
-        n = len(self.layers)
-        if self.cfg.model.collaboration != "none" or n == 1:
-            return list(range(n))
-        return list(range(1, n))
+        return goodness_layers(self.cfg)
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -24,7 +24,8 @@ import torch
 from fedff.config import Config, ConfigError
 from fedff.ff import negatives as neg
 from fedff.ff.layer import ShapeError
-from fedff.ff.network import InputSpec, training_rows, wrong_labels
+from fedff.ff.network import (InputSpec, check_batch, goodness_layers, label_overlays,
+                              training_rows, wrong_labels)
 from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
 from fedff.wire.frames import Batch, decode_feedback
@@ -154,9 +155,7 @@ class Pipeline:
 
     def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Sends one batch on its way; returns the metrics of an earlier one, if any."""
-        if x.dim() != 2 or x.shape[1] != self.spec.features or labels.shape != (x.shape[0],):
-            raise ShapeError(f"batch must have shape [batch, {self.spec.features}] with one "
-                             f"label per row, got {list(x.shape)} and {list(labels.shape)}")
+        check_batch(self.spec, x, labels)
         if self.supervised:  # the first worker builds the overlays and the neutral rows
             wrong = wrong_labels(self.cfg, self.spec, labels, self.generator)
             tensors = {"examples": x, "labels": labels, "wrong": wrong}
@@ -181,11 +180,9 @@ class Pipeline:
 
     @torch.no_grad()
     def label_scores(self, x: torch.Tensor) -> torch.Tensor:
-        c, n = self.spec.num_classes, x.shape[0]
-        labels = torch.arange(c).repeat(n)
-        rows = neg.overlay(x.repeat_interleave(c, dim=0), labels, c,
-                           self.cfg.train.label_strength)
-        return self._infer(rows, head=False)["scores"].view(len(self.layers), n, c)
+        rows = label_overlays(self.cfg, self.spec.num_classes, x)
+        scores = self._infer(rows, head=False)["scores"]
+        return scores.view(len(self.layers), x.shape[0], self.spec.num_classes)
 
     @torch.no_grad()
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,10 +191,7 @@ class Pipeline:
         return self._infer(x, head=True)["logits"]
 
     def goodness_layers(self) -> list[int]:
-        n = len(self.layers)
-        if self.cfg.model.collaboration != "none" or n == 1:
-            return list(range(n))
-        return list(range(1, n))
+        return goodness_layers(self.cfg)
 
     # -- state -------------------------------------------------------------------------
     def _get_state(self, i: int) -> dict[str, Any]:

@@ -48,7 +48,6 @@ class Link:
         self.sent_through = 0
         self.acked_through = 0
         self.durable_through = 0
-        self.peer_trained_through = 0
         self.error: BaseException | None = None
         self._closed = False
         self._channel = security.channel(address)
@@ -181,7 +180,6 @@ class Link:
     def _on_ready(self, reply: pb.TrainReply, outbox: queue.SimpleQueue) -> None:
         """Resume: drop what the peer holds durably, re-send everything else, in order."""
         with self._cond:
-            self.peer_trained_through = reply.ready.trained_through
             self._drop_durable(reply.durable_through)
             for frames in self._kept.values():
                 for frame in frames:

@@ -17,23 +17,18 @@ import grpc
 
 TOKEN_ENV = "FEDFF_TOKEN"
 # Keepalive on every channel: a dead peer is noticed in ~30 s even on an idle stream.
-CHANNEL_OPTIONS = [
+_BOTH = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
     ("grpc.http2.max_frame_size", 4 * 2**20),
 ]
+CHANNEL_OPTIONS = [*_BOTH, ("grpc.http2.max_pings_without_data", 0)]
 SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    *_BOTH,
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 64 * 2**20),
-    ("grpc.max_send_message_length", 64 * 2**20),
-    ("grpc.http2.max_frame_size", 4 * 2**20),
     ("grpc.so_reuseport", 0),  # a second worker on a busy port fails instead of sharing it
 ]
 

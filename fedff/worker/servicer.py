@@ -356,9 +356,9 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
             self.inflight[bid] = InFlight(kind=pb.END_EPOCH)
             return Batch(batch_id=bid, kind=pb.END_EPOCH, epoch=batch.epoch)
         if batch.kind == pb.TRAIN:
-            return self._process_train(batch, last)
+            return self._process_train(batch)
         if batch.kind == pb.EVAL:
-            return self._process_eval(batch, last)
+            return self._process_eval(batch)
         raise WireError(f"batch {bid} has frame kind {batch.kind}; send TRAIN, EVAL, "
                         f"END_EPOCH or REPLAY")
 
@@ -372,8 +372,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
             job.packet = self._packet(batch)
         elif kind == pb.EVAL:
             job.x = self._input(batch, "x")
-            job.taps = ({int(k[4:]): v for k, v in batch.tensors.items()
-                         if k.startswith("tap.")} if batch.head else None)
+            job.taps = self._taps(batch) if batch.head else None
         elif kind != pb.END_EPOCH:
             raise WireError(f"batch {bid} has frame kind {kind}; send TRAIN, EVAL, "
                             f"END_EPOCH or REPLAY")
@@ -402,42 +401,24 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
 
     def _after_stages(self, job: Job) -> Batch | None:
         assert self.block is not None
-        batch, bid, last = job.batch, job.batch.batch_id, self.link is None
+        batch, bid = job.batch, job.batch.batch_id
         flight = self.inflight[bid]
         flight.staged = False
-        head = self.block.head
         if batch.kind == pb.TRAIN:
             assert job.packet is not None
+            head = self.block.head
             if head is not None and self.head_epoch != batch.epoch:
                 cfg = self.block.cfg
                 head.set_lr_factor(lr_factor(cfg.optim.schedule, batch.epoch,
                                              cfg.train.epochs))
                 self.head_epoch = batch.epoch
             self.epoch = batch.epoch
-            if last:
-                job.metrics.update(self.block.train_head(job.packet))
-            if job.snapshots is not None:
-                self.checkpoint(self._snapshot(job, bid))
-            if last:
-                del self.inflight[bid]
-                self._answer(bid, pb.TRAIN, job.metrics, {})
-                return None
-            flight.metrics = job.metrics
-            return self._packet_batch(batch, job.packet)
+            return self._train_done(batch, job.packet, job.metrics, job=job)
         if batch.kind == pb.EVAL:
-            scores = torch.stack(job.scores)
-            if last:
-                feedback = {"scores": scores}
-                if job.taps is not None and head is not None:
-                    feedback["logits"] = head.logits(self.block.head_features(job.taps))
-                del self.inflight[bid]
-                self._answer(bid, pb.EVAL, {}, feedback)
-                return None
-            flight.scores = scores
-            tensors = {"x": job.x, **{f"tap.{i}": t for i, t in (job.taps or {}).items()}}
-            return Batch(batch_id=bid, kind=pb.EVAL, head=batch.head, tensors=tensors)
+            assert job.x is not None
+            return self._eval_done(batch, job.x, torch.stack(job.scores), job.taps)
         flight.snapshot = self._snapshot(job, bid)  # END_EPOCH
-        if last:
+        if self.link is None:
             del self.inflight[bid]
             self._answer(bid, pb.END_EPOCH, {}, {}, flight.snapshot)
             return None
@@ -452,43 +433,62 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                 "epoch": max(self.epoch, 0), "trained_through": bid}
 
     # -- a block run inline, on the consumer thread ------------------------------------
-    def _process_train(self, batch: Batch, last: bool) -> Batch | None:
+    def _process_train(self, batch: Batch) -> Batch | None:
         assert self.block is not None
-        bid = batch.batch_id
         packet = self._packet(batch)
         self._set_epoch(batch.epoch)
         nxt, pending, metrics = self.block.train(packet)
-        self.received_through = bid
-        if not last:
-            self.inflight[bid] = InFlight(kind=pb.TRAIN, metrics=metrics, pending=pending)
-            if pending is None:
-                self._applied(bid)
-            return self._packet_batch(batch, nxt)
-        feedback = {}
-        if pending is not None:
-            feedback["scores"], finish_metrics = self.block.finish(pending, None)
-            metrics.update(finish_metrics)
-        metrics.update(self.block.train_head(nxt))
-        self._applied(bid)
-        self._answer(bid, pb.TRAIN, metrics, feedback)
-        return None
+        self.received_through = batch.batch_id
+        return self._train_done(batch, nxt, metrics, pending)
 
-    def _process_eval(self, batch: Batch, last: bool) -> Batch | None:
+    def _process_eval(self, batch: Batch) -> Batch | None:
+        assert self.block is not None
+        taps = self._taps(batch) if batch.head else None
+        out, scores = self.block.infer(self._input(batch, "x"), taps)
+        self.received_through = batch.batch_id
+        return self._eval_done(batch, out, scores, taps)
+
+    # -- after a block's step (inline or staged): answer, or pass it on -------------------
+    def _train_done(self, batch: Batch, nxt: Packet, metrics: dict[str, float],
+                    pending: BlockPending | None = None, job: Job | None = None
+                    ) -> Batch | None:
+        assert self.block is not None
+        bid, last = batch.batch_id, self.link is None
+        feedback: dict[str, torch.Tensor] = {}
+        if last:
+            if pending is not None:  # CFF all, last worker: every score is known now
+                feedback["scores"], finish_metrics = self.block.finish(pending, None)
+                metrics.update(finish_metrics)
+                pending = None
+            metrics.update(self.block.train_head(nxt))
+        if pending is None:  # the update is in the weights
+            self._applied(bid, job)
+        if last:
+            self.inflight.pop(bid, None)
+            self._answer(bid, pb.TRAIN, metrics, feedback)
+            return None
+        self.inflight[bid] = InFlight(kind=pb.TRAIN, metrics=metrics, pending=pending)
+        return self._packet_batch(batch, nxt)
+
+    def _eval_done(self, batch: Batch, out: torch.Tensor, scores: torch.Tensor,
+                   taps: dict[int, torch.Tensor] | None) -> Batch | None:
         assert self.block is not None
         bid = batch.batch_id
-        x = self._tensor(batch, "x", torch.float32)
-        taps = {int(k[4:]): v for k, v in batch.tensors.items() if k.startswith("tap.")}
-        out, scores = self.block.infer(x, taps if batch.head else None)
-        self.received_through = bid
-        if last:
+        if self.link is None:
             feedback = {"scores": scores}
-            if batch.head and self.block.head is not None:
+            if taps is not None and self.block.head is not None:
                 feedback["logits"] = self.block.head.logits(self.block.head_features(taps))
+            self.inflight.pop(bid, None)
             self._answer(bid, pb.EVAL, {}, feedback)
             return None
         self.inflight[bid] = InFlight(kind=pb.EVAL, scores=scores)
-        tensors = {"x": out, **{f"tap.{i}": t for i, t in taps.items()}}
+        tensors = {"x": out, **{f"tap.{i}": t for i, t in (taps or {}).items()}}
         return Batch(batch_id=bid, kind=pb.EVAL, head=batch.head, tensors=tensors)
+
+    @staticmethod
+    def _taps(batch: Batch) -> dict[int, torch.Tensor]:
+        """The head-layer outputs collected upstream ("tap.<layer>")."""
+        return {int(k[4:]): v for k, v in batch.tensors.items() if k.startswith("tap.")}
 
     def _tensor(self, batch: Batch, name: str, dtype: torch.dtype,
                 required: bool = True) -> torch.Tensor | None:
@@ -519,8 +519,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         packet = Packet(x=x, n_pos=batch.n_pos,
                         gamma=self._tensor(batch, "gamma", torch.float32, False),
                         neutral=neutral, labels=labels,
-                        taps={int(k[4:]): v for k, v in batch.tensors.items()
-                              if k.startswith("tap.")})
+                        taps=self._taps(batch))
         if packet.gamma is not None and packet.gamma.shape != (rows,):
             raise ShapeError(f"gamma must have shape [{rows}], got {list(packet.gamma.shape)}")
         if packet.neutral is not None and packet.neutral.dim() != 2:
@@ -574,10 +573,11 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         return Batch(batch_id=batch.batch_id, kind=pb.TRAIN, epoch=batch.epoch,
                      n_pos=p.n_pos, tensors=tensors)
 
-    def _applied(self, bid: int) -> None:
-        """A training update is in the weights; checkpoint on the shared schedule."""
+    def _applied(self, bid: int, job: Job | None = None) -> None:
+        """A training update is in the weights; checkpoint on the shared schedule (a
+        staged block from the per-layer snapshots its job took at this id)."""
         if self.opt.checkpoint_every and bid % self.opt.checkpoint_every == 0:
-            self.checkpoint()
+            self.checkpoint(None if job is None else self._snapshot(job, bid))
 
     def _frontier(self) -> int:
         """The last id up to which every update is applied (CFF all defers some)."""
@@ -638,25 +638,26 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                 if self.stager is not None:
                     self.stager.wait_idle(timeout=60)
                 with self._lock:
-                    if self.block is None:
-                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                      f"{self.opt.name} is not configured")
-                    x = self._tensor(batch, "x", torch.float32)
-                    out, scores = self.block.infer(x)
+                    self._require_block(context)
+                    out, scores = self.block.infer(self._input(batch, "x"))
                 yield from encode(Batch(batch_id=batch.batch_id, kind=pb.EVAL,
                                         tensors={"out": out, "scores": scores}),
                                   self.opt.chunk_bytes)
         except (WireError, ShapeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
+    def _require_block(self, context: grpc.ServicerContext) -> None:
+        if self.block is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{self.opt.name} is not configured; the driver sends "
+                          f"Control(CONFIGURE)")
+
     def GetState(self, request: pb.StateRequest, context: grpc.ServicerContext
                  ) -> Iterator[pb.StateChunk]:
         if self.stager is not None:
             self.stager.wait_idle(timeout=60)
         with self._lock:
-            if self.block is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{self.opt.name} is not configured")
+            self._require_block(context)
             state = self._state()
         yield from state_chunks(state)
 
