@@ -70,6 +70,7 @@ class TrainConfig:
     label_strength: float = 1.0  # value written into the one-hot label pixels
     eval_every: int = 1  # evaluate on the test set every N epochs (and always at the end)
     classify: str = "goodness"  # the reported test_error: goodness (per label) | head
+    freeze: list[int] = field(default_factory=list)  # hidden layers that do not learn
 
 
 @dataclass
@@ -83,6 +84,30 @@ class HeadConfig:
 
 
 @dataclass
+class FederationConfig:
+    """A federation of data owners (`fedff simulate`, the Flower apps in fedff.federation).
+
+    A federated run trains `rounds x local_epochs` epochs per client, so train.epochs is
+    set to that product (the layers' lr schedules run over the whole federation).
+    """
+
+    clients: int = 10  # simulated clients (`fedff simulate`); partitions of the training set
+    rounds: int = 10
+    local_epochs: int = 1
+    fraction_train: float = 1.0  # share of connected clients sampled each round
+    fraction_evaluate: float = 1.0  # share asked to evaluate the global model on local data
+    min_clients: int = 2  # wait for this many; a round with fewer replies keeps the model
+    round_timeout: float = 600.0  # seconds to wait for a round's replies
+    connect_timeout: float = 300.0  # seconds to wait for min_clients to connect
+    schedule: str = "all"  # all: every layer every round | progressive: one layer at a time
+    rounds_per_layer: int = 1  # progressive: rounds each layer trains before it is frozen
+    partitioner: str = "iid"  # iid | dirichlet (label skew) | classes (k classes each)
+    alpha: float = 0.5  # dirichlet concentration
+    classes_per_client: int = 2  # classes partitioner
+    client_cpus: float = 1.0  # simulation: CPU cores reserved per running client
+
+
+@dataclass
 class Config:
     name: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -90,6 +115,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,9 +130,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.negatives": ("random", "hard", "hybrid"),
     "train.device": ("cpu", "cuda", "auto"),
     "train.classify": ("goodness", "head"),
+    "federation.schedule": ("all", "progressive"),
+    "federation.partitioner": ("iid", "dirichlet", "classes"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", "head.lr",
-            "model.temperature", "model.threshold_scale")
+            "model.temperature", "model.threshold_scale", "federation.clients",
+            "federation.rounds", "federation.local_epochs", "federation.min_clients",
+            "federation.round_timeout", "federation.connect_timeout",
+            "federation.rounds_per_layer", "federation.alpha",
+            "federation.classes_per_client", "federation.client_cpus")
 NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.hybrid_blur_steps",
                 "optim.weight_decay", "head.weight_decay", "model.peer_norm")
 UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum")
@@ -222,7 +254,17 @@ def validate(cfg: Config) -> Config:
     if not sup and cfg.train.classify != "head":
         raise ConfigError("unsupervised FF has no label overlay to score per label; "
                           "set train.classify = 'head'")
+    for key in ("federation.fraction_train", "federation.fraction_evaluate"):
+        if not 0 <= get(key) <= 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {get(key)!r}")
+    if cfg.federation.fraction_train == 0:
+        raise ConfigError("config key 'federation.fraction_train' = 0 trains nobody; "
+                          "give a share in (0, 1]")
     n = len(cfg.model.hidden)
+    bad = [i for i in cfg.train.freeze if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"config key 'train.freeze' has layer indices {bad} outside "
+                          f"0..{n - 1} (indices count hidden layers from 0)")
     bad = [i for i in cfg.head.layers if not 0 <= i < n]
     if bad:
         raise ConfigError(f"config key 'head.layers' has layer indices {bad} outside 0..{n - 1} "

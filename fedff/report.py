@@ -41,7 +41,7 @@ def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str,
-                        reported: str = "error_goodness") -> None:
+                        reported: str = "error_goodness", x: str = "epoch") -> None:
     """Test error (%) per epoch for every classifier evaluated; the one behind
     `test_error` is drawn solid and marked in the legend."""
     import matplotlib
@@ -52,12 +52,12 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str,
     evaluated = [r for r in history if "test_error" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("error_goodness", "goodness per label"), ("error_head", "softmax head")):
-        pts = [(r["epoch"], 100 * r[key]) for r in evaluated if key in r]
+        pts = [(r[x], 100 * r[key]) for r in evaluated if key in r]
         if pts:
             ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None,
                     label=label + (" (reported)" if key == reported else ""),
                     linestyle="-" if key == reported else "--")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(x)
     ax.set_ylabel("test error (%)")
 
     ax.grid(True, which="both", alpha=0.3)

@@ -76,15 +76,36 @@ def make(out: Path, hosts: list[str], days: int = 30) -> None:
         _write(out, name, builder.sign(ca_key, hashes.SHA256()), key)
 
 
+def supernode_keys(out: Path, count: int) -> None:
+    """OpenSSH EC key pairs that Flower SuperNodes authenticate with (node allow-listing):
+    supernode<i> (private, for `flower-supernode --auth-supernode-private-key`) and
+    supernode<i>.pub (for `flwr supernode register`)."""
+    for i in range(count):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                               serialization.PublicFormat.OpenSSH)
+        (out / f"supernode{i}").write_bytes(private)
+        (out / f"supernode{i}").chmod(0o600)
+        (out / f"supernode{i}.pub").write_bytes(public + b"\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("deploy/certs"))
     ap.add_argument("--host", action="append", default=[],
                     help="extra name or IP the workers are reached at (repeatable)")
     ap.add_argument("--days", type=int, default=30)
+    ap.add_argument("--supernode-keys", type=int, default=0, metavar="N",
+                    help="also write N SuperNode authentication key pairs (federation)")
     args = ap.parse_args()
     make(args.out, ["localhost", "127.0.0.1", *args.host], args.days)
-    print(f"wrote ca, server and client certificates to {args.out}")
+    supernode_keys(args.out, args.supernode_keys)
+    print(f"wrote ca, server and client certificates"
+          f"{f' and {args.supernode_keys} SuperNode key pairs' if args.supernode_keys else ''}"
+          f" to {args.out}")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,23 @@ def test_wrong_batch_shape_names_the_fix():
         net.train_batch(torch.rand(4, 8, 8), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ShapeError, match=r"labels must have shape \[4\]"):
         net.train_batch(torch.rand(4, 64), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("collaboration", ["none", "all"])
+def test_frozen_layers_do_not_learn_and_the_others_do(collaboration):
+    cfg = config.load("digits-ff", ["model.hidden=[30, 30, 30]", "train.freeze=0,2",
+                                    f"model.collaboration={collaboration}"])
+    net = FFNetwork(cfg, SPEC)
+    before = [{"weight": layer.weights()["weight"].clone(), "peer": layer.peer_mean.clone()}
+              for layer in net.layers]
+    net.set_epoch(0)
+    for start in range(0, 200, 50):
+        net.train_batch(DIGITS.train_x[start:start + 50], DIGITS.train_y[start:start + 50])
+    for i, layer in enumerate(net.layers):
+        same = torch.equal(layer.weights()["weight"], before[i]["weight"]) and \
+            torch.equal(layer.peer_mean, before[i]["peer"])
+        assert same == (i in (0, 2)), f"layer {i}"
+    # a checkpoint loaded under another config follows that config's freeze list
+    other = FFNetwork(config.load("digits-ff", ["model.hidden=[30, 30, 30]"]), SPEC)
+    other.load_state_dict(net.state_dict())
+    assert not any(layer.config.frozen for layer in other.layers)

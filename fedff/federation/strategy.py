@@ -9,15 +9,20 @@ and every key nobody sent keeps its global value.
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 WEIGHT_KEY = "num-examples"
+logger = logging.getLogger("fedff.federation")
 
 
 def layer_of(key: str) -> int | None:
@@ -66,26 +71,139 @@ class Schedule:
         return [current]
 
 
-class LayerwiseFedAvg(FedAvg):
-    """FedAvg per layer: tells clients which layers to train, averages what comes back."""
+class NotEnoughClients(RuntimeError):
+    """Fewer clients connected than the run's minimum, for longer than it waits."""
 
-    def __init__(self, schedule: Schedule = Schedule(), **kwargs):
+
+@dataclass
+class RoundLog:
+    """What happened in one round, for metrics.json and the overhead figure."""
+
+    round: int
+    layers: list[int]
+    sampled: int = 0
+    replies: int = 0
+    failures: list[str] = field(default_factory=list)
+    aggregated: bool = False
+    started: float = 0.0  # wall clock (time.time) when the round's messages were made
+    replied: float = 0.0  # when send_and_receive returned
+    ended: float = 0.0  # when aggregation finished
+    client_intervals: list[tuple[float, float]] = field(default_factory=list)
+
+    def training_span(self) -> float:
+        """Seconds during which at least one client was training (the union)."""
+        total, edge = 0.0, float("-inf")
+        for start, end in sorted(self.client_intervals):
+            start = max(start, edge)
+            if end > start:
+                total, edge = total + end - start, end
+        return total
+
+    def summary(self) -> dict:
+        seconds = self.ended - self.started
+        span = self.training_span()
+        return {"round": self.round, "layers": self.layers, "sampled": self.sampled,
+                "replies": self.replies, "failures": self.failures,
+                "aggregated": self.aggregated, "round_seconds": seconds,
+                "client_training_seconds": span,
+                "slowest_client_seconds": max((e - s for s, e in self.client_intervals),
+                                              default=0.0),
+                "overhead_seconds": seconds - span,
+                "overhead_fraction": (seconds - span) / seconds if seconds > 0 else 0.0}
+
+
+class LayerwiseFedAvg(FedAvg):
+    """FedAvg per layer: tells clients which layers to train, averages what comes back.
+
+    On top of Flower's FedAvg: it waits for `min_available_nodes` only up to
+    `connect_timeout` seconds and then fails with a clear message (FedAvg waits forever);
+    a round with fewer than `min_train_nodes` good replies keeps the global model (a client
+    that dropped out costs at most the round timeout); `round_offset` lets a restarted
+    coordinator go on numbering rounds where its checkpoint ended; and every round is
+    logged (`rounds`), failures included.
+    """
+
+    def __init__(self, schedule: Schedule = Schedule(), connect_timeout: float = 300.0,
+                 round_offset: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.schedule = schedule
+        self.connect_timeout = connect_timeout
+        self.round_offset = round_offset
+        self.rounds: list[RoundLog] = []
+        self.last_train_metrics: dict = {}
+        self.last_evaluate_metrics: dict = {}
         self._current = ArrayRecord()
+
+    def _wait_for_clients(self, grid: Grid, needed: int) -> list[int]:
+        deadline = time.monotonic() + self.connect_timeout
+        while len(nodes := list(grid.get_node_ids())) < needed:
+            if time.monotonic() > deadline:
+                raise NotEnoughClients(
+                    f"only {len(nodes)} of the {needed} clients this run needs connected "
+                    f"within {self.connect_timeout:.0f} s; start more SuperNodes, or lower "
+                    f"federation.min_clients / raise federation.connect_timeout")
+            time.sleep(0.5)
+        return nodes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._current = arrays
-        config["train-layers"] = self.schedule.layers_for(server_round)
-        return super().configure_train(server_round, arrays, config, grid)
+        layers = self.schedule.layers_for(server_round)
+        log = RoundLog(round=server_round, layers=layers, started=time.time())
+        self.rounds.append(log)
+        nodes = self._wait_for_clients(grid, max(self.min_available_nodes,
+                                                 self.min_train_nodes))
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        sampled = random.sample(nodes, min(size, len(nodes)))
+        log.sampled = len(sampled)
+        config["server-round"] = server_round
+        config["train-layers"] = layers
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, sampled, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config,
+                                          grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        if not valid:
+        replies = list(replies)
+        if not self.rounds or self.rounds[-1].round != server_round + self.round_offset:
+            self.rounds.append(RoundLog(server_round + self.round_offset, [],
+                                        sampled=len(replies), started=time.time()))
+        log = self.rounds[-1]
+        log.replied = time.time()
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        log.replies = len(valid)
+        log.failures = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors]
+        missing = log.sampled - len(replies)
+        if missing > 0:
+            log.failures.append(f"{missing} client(s) did not reply within the round timeout")
+        for line in log.failures:
+            logger.warning("round %d: %s", log.round, line)
+        for msg in valid:
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            if "train-start" in metrics:
+                log.client_intervals.append((float(metrics["train-start"]),
+                                             float(metrics["train-end"])))
+        if len(valid) < max(1, self.min_train_nodes):
+            logger.warning("round %d: %d good replies, fewer than the minimum %d; the global "
+                           "model stays as it was", log.round, len(valid),
+                           self.min_train_nodes)
+            log.ended = time.time()
             return None, None
         contents = [msg.content for msg in valid]
         arrays = aggregate_layers(self._current, contents, self.weighted_by_key)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        self.last_train_metrics = dict(metrics)
+        log.aggregated = True
+        log.ended = time.time()
         return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self.last_evaluate_metrics = dict(metrics) if metrics else {}
+        return metrics

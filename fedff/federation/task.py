@@ -1,48 +1,199 @@
-"""What a federation moves: an FF network's layers as a Flower ArrayRecord, and back.
+"""What one data owner does in a round, and what travels between it and the coordinator.
 
-Keys are `layer{i}.weight`, `layer{i}.bias` and `head.weight`, so the coordinator can
-average each layer on its own (strategy.py). Only parameters travel; every client keeps
-its own optimiser state and running statistics, as a data owner's process would.
+Arrays travel under the keys `layer{i}.weight`, `layer{i}.bias`, `layer{i}.peer_mean` and
+`head.weight`, so the coordinator can average each layer on its own (strategy.py). The
+peer-normalisation mean is a running statistic of the layer's activity; it is averaged
+like the weights, as FedAvg does with batch-norm statistics. Optimiser state stays with
+the client and starts afresh every round (plain FedAvg).
+
+They are read from and written into the network state dict, which the in-process
+`FFNetwork` and a `Pipeline` over the client's own layer workers share: one client code
+path for both.
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedff.ff.network import FFNetwork
+from fedff.config import Config, ConfigError
+from fedff.data.datasets import Dataset
+from fedff.federation.partitions import partition_indices
+from fedff.ff.evaluate import evaluate
+from fedff.ff.network import FFNetwork, InputSpec
+from fedff.train import Progress, load_data, train_epoch
+
+HEAD_KEY = "head.weight"
 
 
-def network_arrays(net: FFNetwork, layers: list[int] | None = None,
-                   head: bool = True) -> ArrayRecord:
-    """The chosen layers' (default: all) and the head's parameters."""
-    chosen = range(len(net.layers)) if layers is None else layers
+def federated(cfg: Config) -> Config:
+    """The config a client trains with: the lr schedule spans the whole federation."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.epochs = cfg.federation.rounds * cfg.federation.local_epochs
+    return cfg
+
+
+def spec_of(ds: Dataset) -> InputSpec:
+    return InputSpec(ds.features, ds.image_shape, ds.num_classes)
+
+
+# -- arrays <-> network state -----------------------------------------------------------
+def state_arrays(state: dict[str, Any], layers: list[int] | None = None,
+                 head: bool = True) -> ArrayRecord:
+    """The chosen layers' (default: all) and the head's parameters from a network state."""
+    chosen = range(len(state["layers"])) if layers is None else layers
     arrays: dict[str, Array] = {}
     for i in chosen:
-        for name, value in net.layers[i].weights().items():
-            arrays[f"layer{i}.{name}"] = Array(value.cpu().numpy().copy())
+        layer = state["layers"][i]
+        for name, value in layer["module"].items():
+            arrays[f"layer{i}.{name}"] = Array(value.detach().cpu().numpy().copy())
+        arrays[f"layer{i}.peer_mean"] = Array(layer["peer_mean"].cpu().numpy().copy())
     if head:
-        arrays["head.weight"] = Array(net.head.linear.weight.detach().cpu().numpy().copy())
+        arrays[HEAD_KEY] = Array(state["head"]["linear"]["weight"].cpu().numpy().copy())
     return ArrayRecord(arrays)
 
 
-def load_network_arrays(net: FFNetwork, record: ArrayRecord) -> None:
-    """Loads every key the record carries; layers it does not mention stay as they are."""
-    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+def with_arrays(state: dict[str, Any], record: ArrayRecord) -> dict[str, Any]:
+    """A copy of `state` with every array the record carries; the rest as it was."""
+    state = copy.copy(state)
+    state["layers"] = [copy.deepcopy(layer) for layer in state["layers"]]
+    state["head"] = copy.deepcopy(state["head"])
+    n = len(state["layers"])
     for key in record:
         value = torch.from_numpy(np.array(record[key].numpy()))
         prefix, _, name = key.partition(".")
-        if prefix == "head":
-            with torch.no_grad():
-                net.head.linear.weight.copy_(value)
+        if key == HEAD_KEY:
+            target, name = state["head"]["linear"], "weight"
         elif prefix.startswith("layer") and prefix[5:].isdigit():
-            per_layer.setdefault(int(prefix[5:]), {})[name] = value
+            i = int(prefix[5:])
+            if not 0 <= i < n:
+                raise KeyError(f"array for layer {i}, but the network has {n} layers")
+            layer = state["layers"][i]
+            target = layer if name == "peer_mean" else layer["module"]
         else:
-            raise KeyError(f"unexpected array '{key}'; expected layer<i>.weight/bias or "
-                           f"head.weight")
-    for i, weights in per_layer.items():
-        if not 0 <= i < len(net.layers):
-            raise KeyError(f"array for layer {i}, but the network has {len(net.layers)}")
-        current = net.layers[i].weights()
-        net.layers[i].load_weights({**current, **weights})
+            raise KeyError(f"unexpected array '{key}'; expected layer<i>.weight/bias/"
+                           f"peer_mean or head.weight")
+        if name not in target or target[name].shape != value.shape:
+            have = tuple(target[name].shape) if name in target else "nothing"
+            raise KeyError(f"array '{key}' has shape {tuple(value.shape)}, the network has "
+                           f"{have}; client and coordinator must use the same model config")
+        target[name] = value
+    return state
+
+
+def network_arrays(net: Any, layers: list[int] | None = None, head: bool = True
+                   ) -> ArrayRecord:
+    return state_arrays(net.state_dict(), layers, head)
+
+
+def load_network_arrays(net: Any, record: ArrayRecord) -> None:
+    """Loads every key the record carries; layers it does not mention stay as they are."""
+    net.load_state_dict(with_arrays(net.state_dict(), record))
+
+
+def initial_arrays(cfg: Config, spec: InputSpec) -> ArrayRecord:
+    """The global model before round 1: the network as `train.seed` initialises it."""
+    return network_arrays(FFNetwork(federated(cfg), spec))
+
+
+# -- a client's data --------------------------------------------------------------------
+_DATA: dict[tuple, Dataset] = {}
+
+
+def client_data(cfg: Config, partition_id: int, num_partitions: int) -> Dataset:
+    """This client's training rows and its share of the test set (same partitioner).
+
+    Cached per process: a simulation runs many clients in each worker process, and a
+    SuperNode calls its ClientApp every round.
+    """
+    d, f = cfg.data, cfg.federation
+    key = (d.dataset, d.data_dir, d.train_limit, d.test_limit, f.partitioner, f.alpha,
+           f.classes_per_client, cfg.train.seed, partition_id, num_partitions)
+    if key not in _DATA:
+        full = _full_data(cfg)
+        train = partition_indices(full.train_y, f, partition_id, num_partitions,
+                                  cfg.train.seed)
+        test = partition_indices(full.test_y, dataclasses.replace(f, partitioner="iid"),
+                                 partition_id, num_partitions, cfg.train.seed)
+        _DATA[key] = dataclasses.replace(full, train_x=full.train_x[train],
+                                         train_y=full.train_y[train],
+                                         test_x=full.test_x[test], test_y=full.test_y[test])
+    return _DATA[key]
+
+
+_FULL: dict[tuple, Dataset] = {}
+
+
+def _full_data(cfg: Config) -> Dataset:
+    d = cfg.data
+    key = (d.dataset, d.data_dir, d.train_limit, d.test_limit)
+    if key not in _FULL:
+        _FULL[key] = load_data(cfg)
+    return _FULL[key]
+
+
+# -- a round on one client --------------------------------------------------------------
+def train_round(net: Any, ds: Dataset, server_round: int, local_epochs: int
+                ) -> dict[str, float]:
+    """`local_epochs` epochs on the client's rows; epochs count on from earlier rounds so
+    each layer's lr schedule runs over the whole federation."""
+    progress = Progress()
+    first = (server_round - 1) * local_epochs
+    for epoch in range(first, first + local_epochs):
+        progress.add(train_epoch(net, ds, epoch, show=False))
+        net.epoch = epoch + 1
+    return progress.means()
+
+
+def client_train(cfg: Config, ds: Dataset, global_arrays: ArrayRecord, server_round: int,
+                 train_layers: list[int], partition_id: int = 0, build: Any = None
+                 ) -> tuple[ArrayRecord, dict[str, float]]:
+    """One client's round: load the global model, train the scheduled layers (the others
+    frozen) and return what it trained, its example count and timings."""
+    n = len(cfg.model.hidden)
+    bad = [i for i in train_layers if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"the coordinator asked to train layers {bad}; this client's "
+                          f"network has layers 0..{n - 1}")
+    cfg = federated(cfg)
+    cfg.train.freeze = [i for i in range(n) if i not in train_layers]
+    # Each client and round draws its own shuffles and negatives.
+    cfg.train.seed = (cfg.train.seed * 1_000_003 + server_round) * 1009 + partition_id
+    started = time.time()
+    net = (build or FFNetwork)(cfg, spec_of(ds))
+    try:
+        load_network_arrays(net, global_arrays)
+        metrics = train_round(net, ds, server_round, cfg.federation.local_epochs)
+        arrays = network_arrays(net, layers=train_layers, head=True)
+    finally:
+        if hasattr(net, "close"):
+            net.close()
+    ended = time.time()
+    metrics = {k.replace("/", "."): float(v) for k, v in metrics.items()}
+    metrics.update({"num-examples": int(ds.train_x.shape[0]), "train-start": started,
+                    "train-end": ended, "train-seconds": ended - started})
+    return arrays, metrics
+
+
+def client_evaluate(cfg: Config, ds: Dataset, global_arrays: ArrayRecord
+                    ) -> dict[str, float]:
+    """The global model on this client's share of the test set."""
+    net = FFNetwork(federated(cfg), spec_of(ds))
+    load_network_arrays(net, global_arrays)
+    return error_metrics(evaluate(net, ds.test_x, ds.test_y), int(ds.test_x.shape[0]))
+
+
+def error_metrics(result: dict[str, Any], examples: int) -> dict[str, float]:
+    out: dict[str, float] = {"num-examples": examples}
+    for key, value in result.items():
+        if isinstance(value, list):
+            out.update({f"{key}.{i}": float(v) for i, v in enumerate(value)})
+        else:
+            out[key] = float(value)
+    return out

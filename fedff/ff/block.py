@@ -49,7 +49,8 @@ def layer_configs(cfg: Config, input_features: int) -> list[LayerConfig]:
                         temperature=m.temperature, peer_norm=m.peer_norm,
                         peer_momentum=m.peer_momentum, epochs=cfg.train.epochs,
                         normalize_input=i == 0,  # later layers get normalised outputs
-                        seed=cfg.train.seed * 1000 + i, optim=cfg.optim)
+                        seed=cfg.train.seed * 1000 + i, optim=cfg.optim,
+                        frozen=i in cfg.train.freeze)
             for i in range(len(cfg.model.hidden))]
 
 
@@ -219,10 +220,12 @@ class LayerBlock:
                 len(state["layers"]) != len(self.layers):
             raise ShapeError(f"state is for layers [{state['first']}, {state['last']}), this "
                              f"block holds [{self.first}, {self.last})")
-        for layer, ls in zip(self.layers, state["layers"]):
+        for i, layer, ls in zip(self.indices, self.layers, state["layers"]):
             layer.load_state_dict(ls)
+            # The run's schedule length and frozen layers apply, not the saved ones: a
+            # resumed run may be longer, a federation round may freeze other layers.
+            layer.config.frozen = i in self.cfg.train.freeze
             if layer.config.epochs != self.cfg.train.epochs:
-                # A resumed run may set a longer (or shorter) schedule: it applies from here.
                 layer.config.epochs = self.cfg.train.epochs
                 layer.set_epoch(layer.epoch)
         if self.head is not None and state.get("head") is not None:

@@ -57,6 +57,7 @@ class LayerConfig:
     normalize_input: bool = True  # False when the input is already RMS-normalised
     epochs: int = 100  # the length of the learning-rate schedule
     seed: int = 0
+    frozen: bool = False  # forward only: no update, running statistics kept
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
@@ -235,6 +236,10 @@ class FFLayer:
                 raise ShapeError(f"gamma must hold one score per sample, shape "
                                  f"[{score.shape[0]}], got {list(gamma.shape)}")
             gamma = gamma.to(self.device)
+        metrics = {"loss": float(self.objective.loss(score, n_pos, gamma)),
+                   "ff_accuracy": positive_accuracy(score, n_pos, gamma)}
+        if self.config.frozen:
+            return LayerResult(out=pending.out, score=score, metrics=metrics)
         d_goodness = self.objective.loss_grad_goodness(score, n_pos, gamma)
         d_z = y * (2 * d_goodness).unsqueeze(1)
         if self.config.peer_norm > 0:
@@ -245,8 +250,6 @@ class FFLayer:
         self.module.bias.grad = d_z.sum(dim=0)
         self.optimizer.step()
         self.steps += 1
-        metrics = {"loss": float(self.objective.loss(score, n_pos, gamma)),
-                   "ff_accuracy": positive_accuracy(score, n_pos, gamma)}
         return LayerResult(out=pending.out, score=score, metrics=metrics)
 
     def train_step(self, batch: LayerBatch) -> LayerResult:
