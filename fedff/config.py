@@ -55,12 +55,16 @@ class ModelConfig:
     peer_norm: float = 0.03
     peer_momentum: float = 0.9
     collaboration: str = "none"  # none | earlier (gamma_<k) | all (gamma_{t != k})
+    # What each layer is: "ff" (FF goodness) or a UFF cell (ae, dae, conv-ae, gan); one
+    # kind for every layer or a comma list, one per layer, e.g. "conv-ae,conv-ae,ae".
+    cell: str = "ff"
+    cell_noise: float = 0.3  # dae cells: share of inputs zeroed
 
 
 @dataclass
 class TrainConfig:
     algorithm: str = "supervised"  # supervised (label overlay) | unsupervised (hybrid images)
-    negatives: str = "hard"  # supervised: random | hard; unsupervised: hybrid
+    negatives: str = "hard"  # supervised: random | hard; unsupervised: hybrid | none
     epochs: int = 100
     batch_size: int = 100
     seed: int = 0
@@ -81,6 +85,26 @@ class HeadConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.003
+
+
+@dataclass
+class ProbeConfig:
+    """Probes on frozen latents, run after the last epoch (fedff/uff/probe.py).
+
+    On by default for unsupervised networks; `train.classify = "probe"` reports the linear
+    probe's error as test_error.
+    """
+
+    enabled: bool = True  # unsupervised networks only
+    layers: list[int] = field(default_factory=list)  # [] -> every layer, concatenated
+    examples: int = 0  # labelled training examples the probe sees (0 = all)
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.001
+    weight_decay: float = 0.0001
+    mlp_hidden: int = 0  # > 0: also an MLP probe with one hidden layer this wide
+    knn_k: int = 20
+    knn_examples: int = 10000  # the k-NN memory bank (0 = all probe examples)
 
 
 @dataclass
@@ -116,6 +140,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,9 +152,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.objective": ("hinton", "low"),
     "model.collaboration": ("none", "earlier", "all"),
     "train.algorithm": ("supervised", "unsupervised"),
-    "train.negatives": ("random", "hard", "hybrid"),
+    "train.negatives": ("random", "hard", "hybrid", "none"),
     "train.device": ("cpu", "cuda", "auto"),
-    "train.classify": ("goodness", "head"),
+    "train.classify": ("goodness", "head", "probe"),
     "federation.schedule": ("all", "progressive"),
     "federation.partitioner": ("iid", "dirichlet", "classes"),
 }
@@ -138,10 +163,15 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", 
             "federation.rounds", "federation.local_epochs", "federation.min_clients",
             "federation.round_timeout", "federation.connect_timeout",
             "federation.rounds_per_layer", "federation.alpha",
-            "federation.classes_per_client", "federation.client_cpus")
+            "federation.classes_per_client", "federation.client_cpus", "probe.epochs",
+            "probe.batch_size", "probe.lr", "probe.knn_k")
 NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.hybrid_blur_steps",
-                "optim.weight_decay", "head.weight_decay", "model.peer_norm")
-UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum")
+                "optim.weight_decay", "head.weight_decay", "model.peer_norm",
+                "probe.examples", "probe.weight_decay", "probe.mlp_hidden",
+                "probe.knn_examples")
+UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum",
+                 "model.cell_noise")
+CELL_KINDS = ("ff", "ae", "dae", "conv-ae", "gan")
 
 
 def _section_types() -> dict[str, type]:
@@ -245,15 +275,28 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'model.hidden' needs one or more positive layer widths, "
                           f"got {cfg.model.hidden!r}; e.g. --set model.hidden=1000,1000,1000")
     sup = cfg.train.algorithm == "supervised"
-    if sup and cfg.train.negatives == "hybrid":
-        raise ConfigError("train.negatives = 'hybrid' needs train.algorithm = 'unsupervised'; "
-                          "use random or hard for supervised FF")
-    if not sup and cfg.train.negatives != "hybrid":
-        raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images; "
-                          f"set train.negatives = 'hybrid' (got {cfg.train.negatives!r})")
-    if not sup and cfg.train.classify != "head":
+    kinds = _validate_cells(cfg)
+    if sup and cfg.train.negatives in ("hybrid", "none"):
+        raise ConfigError(f"train.negatives = {cfg.train.negatives!r} needs train.algorithm = "
+                          f"'unsupervised'; use random or hard for supervised FF")
+    if not sup and cfg.train.negatives not in ("hybrid", "none"):
+        raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images "
+                          f"(or none, for UFF cells); set train.negatives = 'hybrid' or 'none' "
+                          f"(got {cfg.train.negatives!r})")
+    if "ff" in kinds and cfg.train.negatives == "none":
+        raise ConfigError("FF-goodness layers (model.cell 'ff') need negatives; set "
+                          "train.negatives = 'hybrid', or make every layer a UFF cell")
+    if not sup and cfg.train.classify == "goodness":
         raise ConfigError("unsupervised FF has no label overlay to score per label; "
-                          "set train.classify = 'head'")
+                          "set train.classify = 'head' or 'probe'")
+    if cfg.train.classify == "probe" and (sup or not cfg.probe.enabled):
+        raise ConfigError("train.classify = 'probe' reports the linear probe of an "
+                          "unsupervised network; set train.algorithm = 'unsupervised' and "
+                          "probe.enabled = true")
+    bad = [i for i in cfg.probe.layers if not 0 <= i < len(cfg.model.hidden)]
+    if bad:
+        raise ConfigError(f"config key 'probe.layers' has layer indices {bad} outside "
+                          f"0..{len(cfg.model.hidden) - 1}")
     for key in ("federation.fraction_train", "federation.fraction_evaluate"):
         if not 0 <= get(key) <= 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1], got {get(key)!r}")
@@ -270,6 +313,31 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'head.layers' has layer indices {bad} outside 0..{n - 1} "
                           f"(indices count hidden layers from 0)")
     return cfg
+
+
+def _validate_cells(cfg: Config) -> list[str]:
+    kinds = [k.strip() for k in cfg.model.cell.split(",")]
+    n = len(cfg.model.hidden)
+    if len(kinds) not in (1, n):
+        raise ConfigError(f"model.cell lists {len(kinds)} kinds for {n} layers; give one kind "
+                          f"for all or one per layer, e.g. model.cell=ae or ae,dae,ae")
+    kinds = kinds * n if len(kinds) == 1 else kinds
+    bad = [k for k in kinds if k not in CELL_KINDS]
+    if bad:
+        raise ConfigError(f"model.cell has unknown kinds {bad}; choose from "
+                          f"{', '.join(CELL_KINDS)}")
+    if any(k != "ff" for k in kinds):
+        if cfg.train.algorithm == "supervised":
+            raise ConfigError("UFF cells learn without labels; set train.algorithm = "
+                              "'unsupervised' (with train.negatives = 'none')")
+        if cfg.model.collaboration != "none":
+            raise ConfigError("collaborative FF needs FF-goodness layers only; set "
+                              "model.collaboration = 'none' with UFF cells")
+    for i, kind in enumerate(kinds):
+        if kind == "conv-ae" and i > 0 and kinds[i - 1] != "conv-ae":
+            raise ConfigError(f"layer {i} is a conv-ae cell after a {kinds[i - 1]!r} layer, "
+                              f"which has no image shape; put conv-ae cells first")
+    return kinds
 
 
 def named_configs() -> list[str]:

@@ -57,9 +57,20 @@ def build_network(cfg: Config, ds: Dataset, device: torch.device) -> FFNetwork:
     return FFNetwork(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes), device)
 
 
-def test_metrics(net: FFNetwork, ds: Dataset) -> dict[str, Any]:
+REPORTED = {"goodness": "error_goodness", "head": "error_head", "probe": "probe_error"}
+
+
+def test_metrics(net: Any, ds: Dataset, final: bool = False) -> dict[str, Any]:
+    """Test errors; after the last epoch of an unsupervised run also the probes'."""
     result = evaluate(net, ds.test_x, ds.test_y)
-    key = "error_goodness" if net.cfg.train.classify == "goodness" else "error_head"
+    cfg = net.cfg
+    if final and cfg.train.algorithm == "unsupervised" and cfg.probe.enabled:
+        from fedff.uff.probe import probe_metrics
+
+        result.update(probe_metrics(net, ds, cfg.probe, cfg.train.seed))
+    key = REPORTED[cfg.train.classify]
+    if key not in result:  # the probe runs after the last epoch only
+        key = "error_head"
     return {"test_error": result[key], **result}
 
 
@@ -130,7 +141,7 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
                                   "rss_mb": rss_mb(), "train": train}
         last = epoch + 1 == epochs
         if last or (epoch + 1) % cfg.train.eval_every == 0:
-            record.update(test_metrics(net, ds))
+            record.update(test_metrics(net, ds, final=last))
             outer.set_postfix(test_error=f"{100 * record['test_error']:.2f}%")
         history.append(record)
         net.epoch = epoch + 1
@@ -164,6 +175,7 @@ def summarize(cfg: Config, ds: Dataset, device: torch.device, history: list[dict
         "error_head": final.get("error_head"),
         "error_goodness": final.get("error_goodness"),
         "layer_errors": final.get("layer_errors"),
+        **{k: final[k] for k in ("probe_error", "mlp_probe_error", "knn_error") if k in final},
         "peak_rss_mb": peak_rss_mb(),
         "history": history,
     }

@@ -25,10 +25,9 @@ from fedff.federation.client_app import config_from_run
 from fedff.federation.strategy import LayerwiseFedAvg, Schedule
 from fedff.federation.task import (error_metrics, federated, initial_arrays,
                                    load_network_arrays, network_arrays, spec_of)
-from fedff.ff.evaluate import evaluate
 from fedff.ff.network import FFNetwork
 from fedff.report import plot_learning_curve, write_csv, write_json
-from fedff.train import CHECKPOINT, load_data, peak_rss_mb
+from fedff.train import CHECKPOINT, load_data, peak_rss_mb, test_metrics
 
 logger = logging.getLogger("fedff.federation")
 
@@ -92,10 +91,12 @@ class Coordinator:
             raise RuntimeError(f"round {log.round}: no client trained; client errors: "
                                f"{'; '.join(log.failures) or 'none reported'}")
         load_network_arrays(self.net, arrays)
-        result = evaluate(self.net, self.data.test_x, self.data.test_y)
-        key = "error_goodness" if self.cfg.train.classify == "goodness" else "error_head"
+        # The coordinator holds the labels: after the last round an unsupervised
+        # network's probes are trained here (its clients never saw a label).
+        result = test_metrics(self.net, self.data,
+                              final=log.round == self.cfg.federation.rounds)
         record = {"round": log.round, "epoch": log.round * self.cfg.federation.local_epochs,
-                  "test_error": result[key], **result, **log.summary(),
+                  **result, **log.summary(),
                   # clients' evaluation of the global model, then the coordinator's
                   "evaluation_seconds": time.time() - log.ended,
                   "seconds": time.perf_counter() - self.started,
@@ -131,6 +132,8 @@ class Coordinator:
                 "test_error": final.get("test_error"), "error_head": final.get("error_head"),
                 "error_goodness": final.get("error_goodness"),
                 "layer_errors": final.get("layer_errors"),
+                **{k: final[k] for k in ("probe_error", "mlp_probe_error", "knn_error")
+                   if k in final},
                 "train_seconds": sum(r["round_seconds"] for r in self.history),
                 "median_round_overhead_fraction":
                     overheads[len(overheads) // 2] if overheads else None,

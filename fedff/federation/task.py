@@ -26,7 +26,7 @@ from fedff.config import Config, ConfigError
 from fedff.data.datasets import Dataset
 from fedff.federation.partitions import partition_indices
 from fedff.ff.evaluate import evaluate
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.ff.network import UNLABELLED, FFNetwork, InputSpec
 from fedff.train import Progress, load_data, train_epoch
 
 HEAD_KEY = "head.weight"
@@ -53,7 +53,8 @@ def state_arrays(state: dict[str, Any], layers: list[int] | None = None,
         layer = state["layers"][i]
         for name, value in layer["module"].items():
             arrays[f"layer{i}.{name}"] = Array(value.detach().cpu().numpy().copy())
-        arrays[f"layer{i}.peer_mean"] = Array(layer["peer_mean"].cpu().numpy().copy())
+        if "peer_mean" in layer:  # FF layers' running statistic (cells have none)
+            arrays[f"layer{i}.peer_mean"] = Array(layer["peer_mean"].cpu().numpy().copy())
     if head:
         arrays[HEAD_KEY] = Array(state["head"]["linear"]["weight"].cpu().numpy().copy())
     return ArrayRecord(arrays)
@@ -124,6 +125,10 @@ def client_data(cfg: Config, partition_id: int, num_partitions: int) -> Dataset:
         _DATA[key] = dataclasses.replace(full, train_x=full.train_x[train],
                                          train_y=full.train_y[train],
                                          test_x=full.test_x[test], test_y=full.test_y[test])
+        if cfg.train.algorithm == "unsupervised":  # UFF: the clients hold no labels
+            for name in ("train_y", "test_y"):
+                setattr(_DATA[key], name, torch.full_like(getattr(_DATA[key], name),
+                                                          UNLABELLED))
     return _DATA[key]
 
 
@@ -183,7 +188,10 @@ def client_train(cfg: Config, ds: Dataset, global_arrays: ArrayRecord, server_ro
 
 def client_evaluate(cfg: Config, ds: Dataset, global_arrays: ArrayRecord
                     ) -> dict[str, float]:
-    """The global model on this client's share of the test set."""
+    """The global model on this client's share of the test set (an unsupervised client
+    has no labels to score it with: it reports its example count only)."""
+    if bool((ds.test_y == UNLABELLED).any()):
+        return {"num-examples": int(ds.test_x.shape[0])}
     net = FFNetwork(federated(cfg), spec_of(ds))
     load_network_arrays(net, global_arrays)
     return error_metrics(evaluate(net, ds.test_x, ds.test_y), int(ds.test_x.shape[0]))

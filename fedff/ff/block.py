@@ -20,6 +20,7 @@ import torch
 from fedff.config import Config
 from fedff.ff.head import LinearHead
 from fedff.ff.layer import FFLayer, LayerBatch, LayerConfig, Pending, ShapeError
+from fedff.uff.cells import CELLS, conv_out_shape, image_shape
 
 
 @dataclass
@@ -42,16 +43,41 @@ class BlockPending:
 
 
 def layer_configs(cfg: Config, input_features: int) -> list[LayerConfig]:
-    widths = [input_features, *cfg.model.hidden]
+    """Every layer's config. `model.cell` says what each layer is: an FF-goodness layer
+    ("ff") or a UFF cell; a conv-ae cell's width counts channels, its output is the
+    flattened feature map."""
     m = cfg.model
-    return [LayerConfig(in_features=widths[i], out_features=widths[i + 1],
-                        objective=m.objective, threshold_scale=m.threshold_scale,
-                        temperature=m.temperature, peer_norm=m.peer_norm,
-                        peer_momentum=m.peer_momentum, epochs=cfg.train.epochs,
-                        normalize_input=i == 0,  # later layers get normalised outputs
-                        seed=cfg.train.seed * 1000 + i, optim=cfg.optim,
-                        frozen=i in cfg.train.freeze)
-            for i in range(len(cfg.model.hidden))]
+    configs, width, shape = [], input_features, None
+    for i, (kind, hidden) in enumerate(zip(cell_kinds(cfg), m.hidden)):
+        in_shape: list[int] = []
+        if kind == "conv-ae":
+            shape = shape or image_shape(width)
+            in_shape, shape = list(shape), conv_out_shape(shape, hidden)
+            out = shape[0] * shape[1] * shape[2]
+        else:
+            shape, out = None, hidden
+        configs.append(LayerConfig(
+            in_features=width, out_features=out, kind="dense" if kind == "ff" else kind,
+            objective=m.objective, threshold_scale=m.threshold_scale,
+            temperature=m.temperature, peer_norm=m.peer_norm, peer_momentum=m.peer_momentum,
+            epochs=cfg.train.epochs,
+            normalize_input=i == 0,  # later FF layers get normalised outputs
+            seed=cfg.train.seed * 1000 + i, optim=cfg.optim, frozen=i in cfg.train.freeze,
+            in_shape=in_shape, noise=m.cell_noise))
+        width = out
+    return configs
+
+
+def cell_kinds(cfg: Config) -> list[str]:
+    """`model.cell` per layer: one kind for all, or a comma list with one per layer."""
+    kinds = [k.strip() for k in cfg.model.cell.split(",")]
+    return kinds * len(cfg.model.hidden) if len(kinds) == 1 else kinds
+
+
+def make_layer(config: LayerConfig, device: torch.device) -> Any:
+    if config.kind == "dense":
+        return FFLayer(config, device)
+    return CELLS[config.kind](config, device)
 
 
 def default_head_layers(cfg: Config) -> list[int]:
@@ -75,13 +101,13 @@ class LayerBlock:
                              f"layers), got first={first}, last={last}")
         self.cfg, self.first, self.last = cfg, first, last
         self.device = torch.device(device)
-        configs = layer_configs(cfg, input_features)[first:last]
-        self.layers = [FFLayer(c, self.device) for c in configs]
+        every = layer_configs(cfg, input_features)
+        self.layers = [make_layer(c, self.device) for c in every[first:last]]
         self.head_layers = default_head_layers(cfg)
         self.mode = cfg.model.collaboration
         self.head: LinearHead | None = None
         if head:
-            head_in = sum(cfg.model.hidden[i] for i in self.head_layers)
+            head_in = sum(every[i].out_features for i in self.head_layers)
             self.head = LinearHead(head_in, num_classes, cfg.head, self.device)
 
     @property

@@ -58,6 +58,8 @@ class LayerConfig:
     epochs: int = 100  # the length of the learning-rate schedule
     seed: int = 0
     frozen: bool = False  # forward only: no update, running statistics kept
+    in_shape: list[int] = field(default_factory=list)  # (C, H, W) for convolutional cells
+    noise: float = 0.0  # denoising cells: share of inputs zeroed
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
@@ -106,6 +108,7 @@ class Layer(Protocol):
 
     def train_step(self, batch: LayerBatch) -> LayerResult: ...
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    def check_input(self, x: torch.Tensor, what: str = "input") -> None: ...
     def score(self, x: torch.Tensor) -> torch.Tensor: ...
     def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -168,7 +171,7 @@ class FFLayer:
         self.steps = 0
 
     # -- inference -------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, what: str = "input") -> None:
+    def check_input(self, x: torch.Tensor, what: str = "input") -> None:
         expected = self.config.in_features
         if x.dim() != 2 or x.shape[1] != expected:
             raise ShapeError(f"layer expects {what} of shape [batch, {expected}], got "
@@ -198,7 +201,7 @@ class FFLayer:
 
     @torch.no_grad()
     def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check(x)
+        self.check_input(x)
         _, y, g = self._activity(x)
         return self._normalized_output(y, g), self.objective.score(g)
 
@@ -214,7 +217,7 @@ class FFLayer:
 
     @torch.no_grad()
     def begin(self, batch: LayerBatch) -> Pending:
-        self._check(batch.x)
+        self.check_input(batch.x)
         if not 0 < batch.n_pos <= batch.x.shape[0]:
             raise ShapeError(f"n_pos must be in 1..{batch.x.shape[0]} (the batch size), "
                              f"got {batch.n_pos}")

@@ -19,6 +19,9 @@ from fedff.ff.head import LinearHead
 from fedff.ff.layer import ShapeError, lr_factor
 
 
+UNLABELLED = -1
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What the network is fed: flat features, the image shape behind them, classes."""
@@ -56,6 +59,8 @@ def training_rows(cfg: Config, spec: InputSpec, x: torch.Tensor, labels: torch.T
     if cfg.train.algorithm == "supervised":
         wrong = wrong_labels(cfg, spec, labels, generator, probs)
         return overlay_rows(cfg, spec.num_classes, x, labels, wrong)
+    if cfg.train.negatives == "none":  # UFF cells only: the examples themselves
+        return x
     negs = neg.hybrid_images(x.cpu(), spec.image_shape, cfg.train.hybrid_blur_steps,
                              generator).to(x.device)
     return torch.cat([x, negs])
@@ -121,8 +126,10 @@ class FFNetwork:
             metrics.update(head_metrics)
         rows = training_rows(self.cfg, self.spec, x, labels, self.generator,
                              probs if t.negatives == "hard" else None)
-        # Unsupervised: the head reads the positive rows of this very pass.
-        packet = Packet(x=rows, n_pos=x.shape[0], labels=None if self.supervised else labels)
+        # Unsupervised: the head reads the positive rows of this very pass; unlabelled
+        # examples (label UNLABELLED, e.g. at a federation client) train no head.
+        head_labels = None if self.supervised or bool((labels == UNLABELLED).any()) else labels
+        packet = Packet(x=rows, n_pos=x.shape[0], labels=head_labels)
         out, layer_metrics = self.ff_step(packet)
         metrics.update(layer_metrics)
         metrics.update(self.block.train_head(out))

@@ -535,7 +535,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
 
     def _check_input(self, x: torch.Tensor, what: str) -> None:
         assert self.block is not None
-        self.block.layers[0]._check(x, what)
+        self.block.layers[0].check_input(x, what)
 
     def _input(self, batch: Batch, name: str) -> torch.Tensor:
         x = self._tensor(batch, name, torch.float32)

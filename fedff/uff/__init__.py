@@ -1,0 +1,1 @@
+"""Unsupervised Forward-Forward: label-free layer cells and their probes."""

@@ -1,0 +1,274 @@
+"""Unsupervised Forward-Forward (UFF) cells: layers that learn with an ordinary loss.
+
+A cell is a layer in the engine's sense (fedff/ff/layer.py's `Layer` contract): it owns
+its module, loss, optimiser (AdamW, as in the UFF paper) and schedule, trains on one
+batch, and passes its detached latent code on, so it runs unchanged in one process, in a
+layer worker and in a federation client. What the next cell receives is the latent:
+
+- `ae`: encoder Linear -> LayerNorm -> ReLU; a linear decoder; loss: MSE(x_hat, x).
+- `dae`: the same, the encoder reads x with masking noise (`model.cell_noise` of the
+  inputs zeroed); the loss compares with the clean x.
+- `conv-ae`: Conv 3x3 stride 2 -> GroupNorm(1) (layer norm over C, H, W) -> ReLU; a
+  transposed-conv decoder; the latent is the flattened feature map. `model.hidden` then
+  counts channels.
+- `gan`: a discriminator Linear -> LayerNorm -> LeakyReLU(0.2) (the latent) -> Linear
+  (real/fake logit), trained against its own small generator of the cell's input.
+
+A batch may carry FF's [positives; negatives] rows (when an FF-goodness cell sits in the
+same stack): cells learn from the first `n_pos` rows only and encode every row, so the
+cells above see both. A cell's score is the negated per-sample loss (for metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedff.ff.layer import (STATE_FORMAT, LayerBatch, LayerConfig, LayerResult, ShapeError,
+                            lr_factor, snapshot)
+
+CELL_KINDS = ("ae", "dae", "conv-ae", "gan")
+GAN_NOISE = 64
+
+
+def image_shape(features: int, channels: int = 1) -> tuple[int, int, int]:
+    """(C, H, W) of a square image flattened into `features` values."""
+    side = math.isqrt(features // channels)
+    if channels * side * side != features:
+        raise ShapeError(f"a conv-ae cell needs a square image input, but {features} "
+                         f"features are not {channels} x s x s; put conv-ae cells first, "
+                         f"or after other conv-ae cells")
+    return channels, side, side
+
+
+def conv_out_shape(in_shape: tuple[int, int, int], channels: int) -> tuple[int, int, int]:
+    _, h, w = in_shape
+    return channels, (h + 1) // 2, (w + 1) // 2
+
+
+class _Autoencoder(nn.Module):
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.encoder = nn.Linear(cfg.in_features, cfg.out_features)
+        self.norm = nn.LayerNorm(cfg.out_features)
+        self.decoder = nn.Linear(cfg.out_features, cfg.in_features)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.encoder(x)))
+
+    def loss(self, x_in: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x_in)
+        per_sample = (self.decoder(z) - target).square().mean(dim=1)
+        return per_sample.mean(), per_sample
+
+
+class _ConvAutoencoder(nn.Module):
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.in_shape = tuple(cfg.in_shape)
+        c, h, w = self.in_shape
+        out_c = cfg.out_features // (((h + 1) // 2) * ((w + 1) // 2))
+        self.encoder = nn.Conv2d(c, out_c, 3, stride=2, padding=1)
+        self.norm = nn.GroupNorm(1, out_c)
+        self.decoder = nn.ConvTranspose2d(out_c, c, 3, stride=2, padding=1,
+                                          output_padding=(1 - h % 2, 1 - w % 2))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.norm(self.encoder(x.view(-1, *self.in_shape))))
+        return z.flatten(1)
+
+    def loss(self, x_in: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.relu(self.norm(self.encoder(x_in.view(-1, *self.in_shape))))
+        per_sample = (self.decoder(z).flatten(1) - target).square().mean(dim=1)
+        return per_sample.mean(), per_sample
+
+
+class _GAN(nn.Module):
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.features = nn.Linear(cfg.in_features, cfg.out_features)
+        self.norm = nn.LayerNorm(cfg.out_features)
+        self.logit = nn.Linear(cfg.out_features, 1)
+        hidden = max(128, min(1024, cfg.in_features))
+        self.generator = nn.Sequential(nn.Linear(GAN_NOISE, hidden), nn.ReLU(),
+                                       nn.Linear(hidden, cfg.in_features))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.norm(self.features(x)), 0.2)
+
+    def discriminate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logit(self.encode(x)).squeeze(1)
+
+
+class Cell:
+    """The common part of every cell: optimiser, schedule, state, the forward contract."""
+
+    def __init__(self, config: LayerConfig, device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG untouched
+            torch.manual_seed(config.seed)
+            self.module = self._build().to(self.device)
+        self.generator = torch.Generator().manual_seed(config.seed + 7919)
+        self.optimizers = self._optimizers()
+        self.epoch = 0
+        self.steps = 0
+
+    def _build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        o = self.config.optim
+        return {"main": torch.optim.AdamW(self.module.parameters(), lr=o.lr,
+                                          weight_decay=o.weight_decay)}
+
+    def check_input(self, x: torch.Tensor, what: str = "input") -> None:
+        if x.dim() != 2 or x.shape[1] != self.config.in_features:
+            raise ShapeError(f"cell expects {what} of shape [batch, {self.config.in_features}], "
+                             f"got {list(x.shape)}; the previous cell (or the dataset) must "
+                             f"produce {self.config.in_features} features")
+        if not x.is_floating_point() or x.shape[0] == 0:
+            raise ShapeError(f"cell expects a non-empty floating-point batch, got "
+                             f"{x.dtype} with {x.shape[0]} rows")
+
+    # -- inference -------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.module.encode(x.to(self.device))
+
+    @torch.no_grad()
+    def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.forward(x)
+        return out, torch.zeros(x.shape[0], device=self.device)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_score(x)[1]
+
+    # -- training --------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        factor = lr_factor(self.config.optim.schedule, epoch, self.config.epochs)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = self.config.optim.lr * factor
+
+    def train_step(self, batch: LayerBatch) -> LayerResult:
+        self.check_input(batch.x)
+        if not 0 < batch.n_pos <= batch.x.shape[0]:
+            raise ShapeError(f"n_pos must be in 1..{batch.x.shape[0]}, got {batch.n_pos}")
+        x = batch.x.detach().to(self.device)
+        metrics = {} if self.config.frozen else self._learn(x[:batch.n_pos])
+        if not self.config.frozen:
+            self.steps += 1
+        out = self.forward(x)
+        return LayerResult(out=out, score=torch.zeros(x.shape[0], device=self.device),
+                           metrics=metrics)
+
+    def _learn(self, x: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    # Collaborative FF's split step does not apply to cells; the block calls train_step.
+    def begin(self, batch: LayerBatch):
+        raise ShapeError("collaborative FF (model.collaboration) needs FF-goodness layers; "
+                         "set model.collaboration = 'none' for UFF cells")
+
+    # -- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "type": type(self).__name__,
+                "config": dataclasses.asdict(self.config),
+                "module": snapshot(self.module.state_dict()),
+                "optimizer": {k: snapshot(o.state_dict()) for k, o in self.optimizers.items()},
+                "generator": self.generator.get_state(),
+                "epoch": self.epoch, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT or state.get("type") != type(self).__name__:
+            raise ValueError(f"state of a {state.get('type')!r} (format {state.get('format')}) "
+                             f"cannot load into a {type(self).__name__}")
+        saved = LayerConfig.from_dict(state["config"])
+        if (saved.in_features, saved.out_features) != (self.config.in_features,
+                                                        self.config.out_features):
+            raise ShapeError(f"state is for a {saved.in_features}->{saved.out_features} cell, "
+                             f"this cell is {self.config.in_features}->"
+                             f"{self.config.out_features}")
+        self.config = saved
+        self.module.load_state_dict(state["module"])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizer"][k])
+        self.generator.set_state(state["generator"])
+        self.steps = int(state["steps"])
+        self.set_epoch(int(state["epoch"]))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.module.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(weights)
+
+
+class AutoencoderCell(Cell):
+    def _build(self) -> nn.Module:
+        return _Autoencoder(self.config)
+
+    def _corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _learn(self, x: torch.Tensor) -> dict[str, float]:
+        opt = self.optimizers["main"]
+        with torch.enable_grad():
+            loss, _ = self.module.loss(self._corrupt(x), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+
+class DenoisingAutoencoderCell(AutoencoderCell):
+    def _corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(x.shape, generator=self.generator) >= self.config.noise
+        return x * keep.to(x.device, x.dtype)
+
+
+class ConvAutoencoderCell(AutoencoderCell):
+    def _build(self) -> nn.Module:
+        return _ConvAutoencoder(self.config)
+
+
+class GANCell(Cell):
+    def _build(self) -> nn.Module:
+        return _GAN(self.config)
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        o, m = self.config.optim, self.module
+        d_params = [*m.features.parameters(), *m.norm.parameters(), *m.logit.parameters()]
+        return {"main": torch.optim.AdamW(d_params, lr=o.lr, betas=(0.5, 0.999),
+                                          weight_decay=o.weight_decay),
+                "generator": torch.optim.AdamW(m.generator.parameters(), lr=o.lr,
+                                               betas=(0.5, 0.999), weight_decay=0.0)}
+
+    def _learn(self, x: torch.Tensor) -> dict[str, float]:
+        m, n = self.module, x.shape[0]
+        noise = torch.randn(n, GAN_NOISE, generator=self.generator).to(self.device)
+        ones, zeros = torch.ones(n, device=self.device), torch.zeros(n, device=self.device)
+        with torch.enable_grad():
+            fake = m.generator(noise)
+            d_loss = (F.binary_cross_entropy_with_logits(m.discriminate(x), ones)
+                      + F.binary_cross_entropy_with_logits(m.discriminate(fake.detach()), zeros))
+            self.optimizers["main"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.optimizers["main"].step()
+            g_loss = F.binary_cross_entropy_with_logits(m.discriminate(fake), ones)
+            self.optimizers["generator"].zero_grad(set_to_none=True)
+            g_loss.backward()
+        self.optimizers["generator"].step()
+        return {"loss": float(d_loss.detach()), "generator_loss": float(g_loss.detach())}
+
+
+CELLS: dict[str, type[Cell]] = {"ae": AutoencoderCell, "dae": DenoisingAutoencoderCell,
+                                "conv-ae": ConvAutoencoderCell, "gan": GANCell}
