@@ -55,8 +55,9 @@ class ModelConfig:
     peer_norm: float = 0.03
     peer_momentum: float = 0.9
     collaboration: str = "none"  # none | earlier (gamma_<k) | all (gamma_{t != k})
-    # What each layer is: "ff" (FF goodness) or a UFF cell (ae, dae, conv-ae, gan); one
-    # kind for every layer or a comma list, one per layer, e.g. "conv-ae,conv-ae,ae".
+    # What each layer is: "ff" (FF goodness) or a UFF cell (ae, dae, conv-ae, conv-dae,
+    # gan); one kind for every layer, or a comma list with one per layer, e.g.
+    # "conv-ae,conv-ae,ae".
     cell: str = "ff"
     cell_noise: float = 0.3  # dae cells: share of inputs zeroed
 
@@ -171,7 +172,8 @@ NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.h
                 "probe.knn_examples")
 UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum",
                  "model.cell_noise")
-CELL_KINDS = ("ff", "ae", "dae", "conv-ae", "gan")
+CELL_KINDS = ("ff", "ae", "dae", "conv-ae", "conv-dae", "gan")
+CONV_CELLS = ("conv-ae", "conv-dae")
 
 
 def _section_types() -> dict[str, type]:
@@ -334,9 +336,9 @@ def _validate_cells(cfg: Config) -> list[str]:
             raise ConfigError("collaborative FF needs FF-goodness layers only; set "
                               "model.collaboration = 'none' with UFF cells")
     for i, kind in enumerate(kinds):
-        if kind == "conv-ae" and i > 0 and kinds[i - 1] != "conv-ae":
-            raise ConfigError(f"layer {i} is a conv-ae cell after a {kinds[i - 1]!r} layer, "
-                              f"which has no image shape; put conv-ae cells first")
+        if kind in CONV_CELLS and i > 0 and kinds[i - 1] not in CONV_CELLS:
+            raise ConfigError(f"layer {i} is a {kind} cell after a {kinds[i - 1]!r} layer, "
+                              f"which has no image shape; put conv-ae/conv-dae cells first")
     return kinds
 
 

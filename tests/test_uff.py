@@ -61,7 +61,7 @@ def test_mixed_stack_probe_beats_raw_pixels_and_reports_knn():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["model.cell=ae,conv-ae,ae"], "put conv-ae cells first"),
+    (["model.cell=ae,conv-ae,ae"], "put conv-ae/conv-dae cells first"),
     (["model.cell=ae,ae"], "2 kinds for 3 layers"),
     (["model.cell=vae"], "unknown kinds"),
     (["model.cell=ff", "train.negatives=none"], "need negatives"),

@@ -50,7 +50,7 @@ def layer_configs(cfg: Config, input_features: int) -> list[LayerConfig]:
     configs, width, shape = [], input_features, None
     for i, (kind, hidden) in enumerate(zip(cell_kinds(cfg), m.hidden)):
         in_shape: list[int] = []
-        if kind == "conv-ae":
+        if kind in ("conv-ae", "conv-dae"):
             shape = shape or image_shape(width)
             in_shape, shape = list(shape), conv_out_shape(shape, hidden)
             out = shape[0] * shape[1] * shape[2]

@@ -10,7 +10,7 @@ layer worker and in a federation client. What the next cell receives is the late
   inputs zeroed); the loss compares with the clean x.
 - `conv-ae`: Conv 3x3 stride 2 -> GroupNorm(1) (layer norm over C, H, W) -> ReLU; a
   transposed-conv decoder; the latent is the flattened feature map. `model.hidden` then
-  counts channels.
+  counts channels. `conv-dae`: the same with the dae's masking noise.
 - `gan`: a discriminator Linear -> LayerNorm -> LeakyReLU(0.2) (the latent) -> Linear
   (real/fake logit), trained against its own small generator of the cell's input.
 
@@ -32,7 +32,7 @@ from torch import nn
 from fedff.ff.layer import (STATE_FORMAT, LayerBatch, LayerConfig, LayerResult, ShapeError,
                             lr_factor, snapshot)
 
-CELL_KINDS = ("ae", "dae", "conv-ae", "gan")
+CELL_KINDS = ("ae", "dae", "conv-ae", "conv-dae", "gan")
 GAN_NOISE = 64
 
 
@@ -240,6 +240,11 @@ class ConvAutoencoderCell(AutoencoderCell):
         return _ConvAutoencoder(self.config)
 
 
+class ConvDenoisingAutoencoderCell(DenoisingAutoencoderCell):
+    def _build(self) -> nn.Module:
+        return _ConvAutoencoder(self.config)
+
+
 class GANCell(Cell):
     def _build(self) -> nn.Module:
         return _GAN(self.config)
@@ -271,4 +276,5 @@ class GANCell(Cell):
 
 
 CELLS: dict[str, type[Cell]] = {"ae": AutoencoderCell, "dae": DenoisingAutoencoderCell,
-                                "conv-ae": ConvAutoencoderCell, "gan": GANCell}
+                                "conv-ae": ConvAutoencoderCell,
+                                "conv-dae": ConvDenoisingAutoencoderCell, "gan": GANCell}
