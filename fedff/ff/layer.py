@@ -130,6 +130,19 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
+def saved_config(state: dict[str, Any], current: LayerConfig, what: str = "layer"
+                 ) -> LayerConfig:
+    """The config a layer state was saved with, once its format and shape fit `current`."""
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{what} state format {state.get('format')!r} is not supported "
+                         f"(this fedff reads format {STATE_FORMAT})")
+    saved = LayerConfig.from_dict(state["config"])
+    if (saved.in_features, saved.out_features) != (current.in_features, current.out_features):
+        raise ShapeError(f"state is for a {saved.in_features}->{saved.out_features} {what}, "
+                         f"this {what} is {current.in_features}->{current.out_features}")
+    return saved
+
+
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     """Reference schedule: constant for the first half, then linearly down to ~0."""
     if schedule == "constant":
@@ -272,16 +285,7 @@ class FFLayer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"layer state format {state.get('format')!r} is not supported "
-                             f"(this fedff reads format {STATE_FORMAT})")
-        saved = LayerConfig.from_dict(state["config"])
-        if (saved.in_features, saved.out_features) != (self.config.in_features,
-                                                        self.config.out_features):
-            raise ShapeError(f"state is for a {saved.in_features}->{saved.out_features} layer, "
-                             f"this layer is {self.config.in_features}->"
-                             f"{self.config.out_features}")
-        self.config = saved
+        self.config = saved_config(state, self.config)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.peer_mean.copy_(state["peer_mean"])

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedff.ff.layer import (STATE_FORMAT, LayerBatch, LayerConfig, LayerResult, ShapeError,
-                            lr_factor, snapshot)
+                            lr_factor, saved_config, snapshot)
 
 CELL_KINDS = ("ae", "dae", "conv-ae", "conv-dae", "gan")
 GAN_NOISE = 64
@@ -188,16 +188,10 @@ class Cell:
                 "epoch": self.epoch, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT or state.get("type") != type(self).__name__:
-            raise ValueError(f"state of a {state.get('type')!r} (format {state.get('format')}) "
-                             f"cannot load into a {type(self).__name__}")
-        saved = LayerConfig.from_dict(state["config"])
-        if (saved.in_features, saved.out_features) != (self.config.in_features,
-                                                        self.config.out_features):
-            raise ShapeError(f"state is for a {saved.in_features}->{saved.out_features} cell, "
-                             f"this cell is {self.config.in_features}->"
-                             f"{self.config.out_features}")
-        self.config = saved
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"state of a {state.get('type')!r} cannot load into a "
+                             f"{type(self).__name__}")
+        self.config = saved_config(state, self.config, "cell")
         self.module.load_state_dict(state["module"])
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizer"][k])
