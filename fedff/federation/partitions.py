@@ -59,6 +59,3 @@ def partition_indices(labels: torch.Tensor, fed: FederationConfig, partition_id:
     rows = partitioner.load_partition(partition_id)["index"]
     return torch.from_numpy(np.sort(np.asarray(rows, dtype=np.int64)))
 
-
-def label_histogram(labels: torch.Tensor, num_classes: int) -> list[int]:
-    return torch.bincount(labels, minlength=num_classes).tolist()

@@ -25,12 +25,6 @@ WEIGHT_KEY = "num-examples"
 logger = logging.getLogger("fedff.federation")
 
 
-def layer_of(key: str) -> int | None:
-    """'layer2.weight' -> 2; the head and anything else -> None."""
-    head, _, _ = key.partition(".")
-    return int(head[5:]) if head.startswith("layer") and head[5:].isdigit() else None
-
-
 def aggregate_layers(current: ArrayRecord, contents: list[RecordDict],
                      weight_key: str = WEIGHT_KEY) -> ArrayRecord:
     """Each key: the example-weighted mean over the replies that carry it; the others
