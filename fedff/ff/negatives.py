@@ -33,10 +33,13 @@ def neutral(x: torch.Tensor, num_classes: int, strength: float = 1.0) -> torch.T
 
 def random_wrong_labels(labels: torch.Tensor, num_classes: int,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """A uniformly drawn label different from each true label."""
-    shift = torch.randint(1, num_classes, labels.shape, generator=generator,
-                          device=labels.device)
-    return (labels + shift) % num_classes
+    """A uniformly drawn label different from each true label.
+
+    Drawn on the CPU, where the network's generator lives, so a seed gives the same
+    negatives on every device.
+    """
+    shift = torch.randint(1, num_classes, labels.shape, generator=generator)
+    return (labels + shift.to(labels.device)) % num_classes
 
 
 def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
@@ -46,7 +49,8 @@ def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
     p.scatter_(1, labels.view(-1, 1), 0.0)
     p = p + 1e-12  # a confident, correct model still yields a valid distribution
     p.scatter_(1, labels.view(-1, 1), 0.0)
-    return torch.multinomial(p, 1, generator=generator).view(-1)
+    # Sampled on the CPU with the network's generator, as random_wrong_labels is.
+    return torch.multinomial(p.cpu(), 1, generator=generator).view(-1).to(labels.device)
 
 
 def binomial_kernel(blur_steps: int) -> torch.Tensor:
