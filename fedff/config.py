@@ -130,6 +130,11 @@ class FederationConfig:
     alpha: float = 0.5  # dirichlet concentration
     classes_per_client: int = 2  # classes partitioner
     client_cpus: float = 1.0  # simulation: CPU cores reserved per running client
+    # The coordinator's step on the clients' mean (strategy.ServerOptimizer); 1, 0, 0 is
+    # plain FedAvg.
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_warmup: int = 0  # rounds over which server_lr rises linearly from 1
 
 
 @dataclass
@@ -164,14 +169,15 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", 
             "federation.rounds", "federation.local_epochs", "federation.min_clients",
             "federation.round_timeout", "federation.connect_timeout",
             "federation.rounds_per_layer", "federation.alpha",
-            "federation.classes_per_client", "federation.client_cpus", "probe.epochs",
+            "federation.classes_per_client", "federation.client_cpus", "federation.server_lr",
+            "probe.epochs",
             "probe.batch_size", "probe.lr", "probe.knn_k")
 NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.hybrid_blur_steps",
                 "optim.weight_decay", "head.weight_decay", "model.peer_norm",
                 "probe.examples", "probe.weight_decay", "probe.mlp_hidden",
-                "probe.knn_examples")
+                "probe.knn_examples", "federation.server_warmup")
 UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum",
-                 "model.cell_noise")
+                 "model.cell_noise", "federation.server_momentum")
 CELL_KINDS = ("ff", "ae", "dae", "conv-ae", "conv-dae", "gan")
 CONV_CELLS = ("conv-ae", "conv-dae")
 

@@ -7,7 +7,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedff import config
 from fedff.data.datasets import load_digits
-from fedff.federation.strategy import LayerwiseFedAvg, Schedule, aggregate_layers
+from fedff.federation.strategy import (LayerwiseFedAvg, Schedule, ServerOptimizer,
+                                      aggregate_layers)
 from fedff.federation.task import load_network_arrays, network_arrays
 from fedff.ff.network import FFNetwork, InputSpec
 
@@ -43,6 +44,42 @@ def test_each_layer_is_the_weighted_mean_of_the_clients_that_trained_it():
     assert out["layer0.weight"].numpy().dtype == np.float32
 
 
+def test_server_optimizer_steps_trained_layers_and_averages_running_statistics():
+    current = record(KEYS + ["layer0.peer_mean"])
+    mean = record(KEYS + ["layer0.peer_mean"])
+    trained = ["layer0.weight", "layer0.bias", "layer0.peer_mean"]
+    plain = ServerOptimizer().step(current, mean, trained, 1)  # lr 1: FedAvg itself
+    for k in trained:
+        np.testing.assert_allclose(plain[k].numpy(), mean[k].numpy(), rtol=1e-6)
+    out = ServerOptimizer(lr=3.0).step(current, mean, trained, 1)
+    for k in ("layer0.weight", "layer0.bias"):
+        delta = mean[k].numpy() - current[k].numpy()
+        np.testing.assert_allclose(out[k].numpy(), current[k].numpy() + 3 * delta, rtol=1e-5)
+    np.testing.assert_allclose(out["layer0.peer_mean"].numpy(),  # a statistic: the mean
+                               mean["layer0.peer_mean"].numpy())
+    for k in ("layer1.weight", "head.weight"):  # not trained this round: unchanged
+        assert np.array_equal(out[k].numpy(), current[k].numpy())
+
+
+def test_server_warmup_and_momentum():
+    opt = ServerOptimizer(lr=10.0, warmup=3)
+    assert [opt.lr_at(r) for r in (1, 2, 3, 4, 9)] == pytest.approx([1, 4, 7, 10, 10])
+    opt = ServerOptimizer(lr=1.0, momentum=0.5)
+    start = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    target = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    first = opt.step(start, target, ["w"], 1)  # v = 1
+    second = opt.step(start, target, ["w"], 2)  # v = 0.5 * 1 + 1
+    np.testing.assert_allclose(first["w"].numpy(), 1.0)
+    np.testing.assert_allclose(second["w"].numpy(), 1.5)
+
+
+def test_bad_server_settings_are_refused():
+    with pytest.raises(config.ConfigError, match="server_momentum"):
+        config.load("digits-ff", ["federation.server_momentum=1"])
+    with pytest.raises(config.ConfigError, match="server_lr"):
+        config.load("digits-ff", ["federation.server_lr=0"])
+
+
 @pytest.fixture
 def run_context():
     """Messages are made inside a Flower run; outside one, name a run id for them."""
@@ -68,6 +105,15 @@ def test_strategy_aggregates_real_reply_messages(run_context):
     np.testing.assert_allclose(arrays["layer1.weight"].numpy(), want, rtol=1e-6)
     assert np.array_equal(arrays["layer0.weight"].numpy(), current["layer0.weight"].numpy())
     assert metrics["loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
+    # with a server learning rate the global layer moves twice as far as the mean
+    stepped = LayerwiseFedAvg(Schedule("progressive", layers=3, rounds_per_layer=2),
+                              server=ServerOptimizer(lr=2.0))
+    stepped._current = current
+    arrays, _ = stepped.aggregate_train(3, replies)
+    now = current["layer1.weight"].numpy()
+    np.testing.assert_allclose(arrays["layer1.weight"].numpy(), now + 2 * (want - now),
+                               rtol=1e-5)
+    assert np.array_equal(arrays["layer0.weight"].numpy(), current["layer0.weight"].numpy())
 
 
 @pytest.mark.parametrize("kind,expected", [

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fedff.config import Config
 from fedff.federation.client_app import config_from_run
-from fedff.federation.strategy import LayerwiseFedAvg, Schedule
+from fedff.federation.strategy import LayerwiseFedAvg, Schedule, ServerOptimizer
 from fedff.federation.task import (error_metrics, federated, initial_arrays,
                                    load_network_arrays, network_arrays, spec_of)
 from fedff.ff.network import FFNetwork
@@ -66,9 +66,12 @@ class Coordinator:
         self.strategy = LayerwiseFedAvg(
             Schedule(f.schedule, len(self.cfg.model.hidden), f.rounds_per_layer),
             connect_timeout=f.connect_timeout, round_offset=self.done,
+            server=ServerOptimizer(f.server_lr, f.server_momentum, f.server_warmup),
             fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
             min_train_nodes=f.min_clients, min_available_nodes=f.min_clients,
             min_evaluate_nodes=min(f.min_clients, 1) if f.fraction_evaluate else 0)
+        if saved is not None:  # the server optimiser's momentum goes on where it was
+            self.strategy.server.velocity = saved["federation"].get("server_velocity", {})
         self.bar = tqdm(total=f.rounds, initial=self.done, desc="rounds", unit="round",
                         disable=not show_progress, dynamic_ncols=True)
         self.started = time.perf_counter()
@@ -115,7 +118,8 @@ class Coordinator:
         tmp = self.out_dir / (CHECKPOINT + ".tmp")
         torch.save({"network": self.net.state_dict(), "history": self.history,
                     "train_seconds": sum(r["round_seconds"] for r in self.history),
-                    "federation": {"round": self.done}}, tmp)
+                    "federation": {"round": self.done,
+                                   "server_velocity": self.strategy.server.velocity}}, tmp)
         tmp.replace(self.out_dir / CHECKPOINT)
         write_json(self.out_dir / "metrics.json", self.summary())
         write_csv(self.out_dir / "metrics.csv", self.history)

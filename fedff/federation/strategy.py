@@ -47,6 +47,53 @@ def aggregate_layers(current: ArrayRecord, contents: list[RecordDict],
     return ArrayRecord(out)
 
 
+RUNNING_STATISTICS = ("peer_mean",)  # averaged as they are, never stepped
+
+
+@dataclass
+class ServerOptimizer:
+    """The coordinator's step on the clients' mean (server learning rate and momentum,
+    as in FedAvgM and FedOpt): delta = mean - global is a pseudo-gradient, and
+    global += lr_r * v with v = momentum * v + delta; lr_r rises linearly from 1 over
+    `warmup` rounds. lr = 1, momentum = 0 is plain FedAvg, the default.
+
+    Why it is here: with K IID clients the mean moves the model about as far as one
+    client's local steps, a 1/K of centralized progress per epoch, and lr near K is the
+    textbook remedy (large-batch SGD's linear scaling). For supervised FF on MNIST it does
+    not work: with 10 clients, lr 5 and 10 (2 warm-up rounds) diverged at round 3 (85 % and
+    81 % test error), as a 10x client lr did in round 1. It stays for other settings
+    (server momentum is the usual help under label skew).
+    Running statistics (peer-normalisation means) take the mean as it is.
+    """
+
+    lr: float = 1.0
+    momentum: float = 0.0
+    warmup: int = 0  # rounds over which lr rises linearly from 1
+    velocity: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def lr_at(self, server_round: int) -> float:
+        if self.warmup <= 0:
+            return self.lr
+        return 1.0 + (self.lr - 1.0) * min(1.0, (server_round - 1) / self.warmup)
+
+    def step(self, current: ArrayRecord, mean: ArrayRecord, keys: Iterable[str],
+             server_round: int) -> ArrayRecord:
+        """`current` moved towards `mean` on `keys` (what the clients trained)."""
+        lr = self.lr_at(server_round)
+        out = {key: current[key] for key in current}
+        for key in keys:
+            target = mean[key].numpy()
+            if key not in current or key.rsplit(".", 1)[-1] in RUNNING_STATISTICS:
+                out[key] = mean[key]
+                continue
+            now = current[key].numpy()
+            delta = target.astype(np.float64) - now
+            if self.momentum > 0:
+                delta = self.velocity[key] = self.momentum * self.velocity.get(key, 0) + delta
+            out[key] = Array((now + lr * delta).astype(now.dtype))
+        return ArrayRecord(out)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Which layers a round trains: all of them, or one after another (progressive)."""
@@ -109,6 +156,7 @@ class RoundLog:
 class LayerwiseFedAvg(FedAvg):
     """FedAvg per layer: tells clients which layers to train, averages what comes back.
 
+    The clients' mean goes through a ServerOptimizer (plain FedAvg by default).
     On top of Flower's FedAvg: it waits for `min_available_nodes` only up to
     `connect_timeout` seconds and then fails with a clear message (FedAvg waits forever);
     a round with fewer than `min_train_nodes` good replies keeps the global model (a client
@@ -118,9 +166,10 @@ class LayerwiseFedAvg(FedAvg):
     """
 
     def __init__(self, schedule: Schedule = Schedule(), connect_timeout: float = 300.0,
-                 round_offset: int = 0, **kwargs):
+                 round_offset: int = 0, server: ServerOptimizer | None = None, **kwargs):
         super().__init__(**kwargs)
         self.schedule = schedule
+        self.server = server or ServerOptimizer()
         self.connect_timeout = connect_timeout
         self.round_offset = round_offset
         self.rounds: list[RoundLog] = []
@@ -189,7 +238,9 @@ class LayerwiseFedAvg(FedAvg):
             log.ended = time.time()
             return None, None
         contents = [msg.content for msg in valid]
-        arrays = aggregate_layers(self._current, contents, self.weighted_by_key)
+        mean = aggregate_layers(self._current, contents, self.weighted_by_key)
+        trained = {key for c in contents for r in c.array_records.values() for key in r}
+        arrays = self.server.step(self._current, mean, sorted(trained), log.round)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         self.last_train_metrics = dict(metrics)
         log.aggregated = True
