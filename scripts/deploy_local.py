@@ -21,7 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -79,17 +82,11 @@ def flwr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run-config", action="append", default=[],
-                    help="passed to run_coordinator.py (repeatable)")
-    ap.add_argument("--work-dir", type=Path, help="certificates, state and logs "
-                    "(default: a temporary folder, removed afterwards)")
-    ap.add_argument("--timeout", type=float, default=900)
-    args = ap.parse_args(argv)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedff-deploy-"))
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "logs").mkdir(exist_ok=True)
+@contextmanager
+def deployment(work: Path) -> Iterator[dict[str, str]]:
+    """Starts the SuperLink, both sites' workers and SuperNodes; yields the environment
+    in which `flwr` reaches the SuperLink as the connection "deployment"; stops all."""
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     certs, home = work / "certs", work / "flwr-home"
     home.mkdir(exist_ok=True)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -128,16 +125,36 @@ def main(argv: list[str] | None = None) -> int:
                         "--port", str(free_port()),
                         "--node-config",
                         f"partition-id={i} num-partitions=2 workers='{workers}'", env=env)
-        coordinator = [sys.executable, str(ROOT / "scripts/run_coordinator.py"),
-                       "--app", str(ROOT), "--connection", "deployment", "--poll", "1",
-                       "--timeout", str(args.timeout)]
-        for item in args.run_config:
-            coordinator += ["--run-config", item]
-        code = subprocess.run(coordinator, env=env, cwd=ROOT).returncode
+        yield env
         procs.check()
-        return code
     finally:
         procs.stop()
+
+
+def submit(env: dict[str, str], run_config: list[str], timeout: float,
+           **kwargs: Any) -> subprocess.CompletedProcess:
+    """One run through scripts/run_coordinator.py; its exit status says how it ended."""
+    coordinator = [sys.executable, str(ROOT / "scripts/run_coordinator.py"),
+                   "--app", str(ROOT), "--connection", "deployment", "--poll", "1",
+                   "--timeout", str(timeout)]
+    for item in run_config:
+        coordinator += ["--run-config", item]
+    return subprocess.run(coordinator, env=env, cwd=ROOT, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-config", action="append", default=[],
+                    help="passed to run_coordinator.py (repeatable)")
+    ap.add_argument("--work-dir", type=Path, help="certificates, state and logs "
+                    "(default: a temporary folder, removed afterwards)")
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedff-deploy-"))
+    try:
+        with deployment(work) as env:
+            return submit(env, args.run_config, args.timeout).returncode
+    finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -4,9 +4,8 @@ and scripts/run_coordinator.py, whose exit status must tell success from failure
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,28 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def deploy(tmp_path: Path, overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts/deploy_local.py"), "--work-dir",
-         str(tmp_path / "work"), "--timeout", "400", "--run-config",
-         f"overrides='{overrides}' out-dir='{tmp_path / 'out'}'"],
-        capture_output=True, text=True, timeout=600)
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_superlink_two_supernodes_and_their_workers_run_end_to_end(tmp_path):
-    done = deploy(tmp_path, "federation.rounds=2 train.negatives=random "
-                            "model.hidden=[40,40,40] federation.fraction_evaluate=1")
+def test_a_real_deployment_runs_end_to_end_and_the_coordinator_tells_failure(tmp_path):
+    """One deployment, two runs: a failing run first, then a good one on the same nodes."""
+    deploy = load_script("deploy_local")
+    with deploy.deployment(tmp_path / "work") as env:
+        failed = deploy.submit(env, ["overrides='federation.rounds=0'"], 300,
+                               capture_output=True, text=True)
+        done = deploy.submit(env, [
+            "overrides='federation.rounds=2 train.negatives=random model.hidden=[40,40,40] "
+            "federation.fraction_evaluate=1'", f"out-dir='{tmp_path / 'out'}'"], 400,
+            capture_output=True, text=True)
+    # the failed run: exit status 1 and the ServerApp's error, from the run's log
+    assert failed.returncode == 1, (failed.stdout + failed.stderr)[-3000:]
+    assert "finished:failed" in failed.stdout
+    assert "federation.rounds" in failed.stderr
+    # the good run
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert '"status": "finished:completed"' in done.stdout
     summary = json.loads((tmp_path / "out/metrics.json").read_text())
@@ -35,10 +45,3 @@ def test_superlink_two_supernodes_and_their_workers_run_end_to_end(tmp_path):
     for site, workers in ((0, 2), (1, 1)):
         saved = list((tmp_path / "work").glob(f"site{site}-worker*/worker.pt"))
         assert len(saved) == workers, saved
-
-
-def test_coordinator_exits_nonzero_and_shows_the_error_when_the_run_fails(tmp_path):
-    done = deploy(tmp_path, "federation.rounds=0")
-    assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
-    assert "finished:failed" in done.stdout
-    assert "federation.rounds" in done.stderr  # the ServerApp's error, from the run's log
