@@ -139,3 +139,20 @@ def test_network_arrays_round_trip_and_partial_load():
     with pytest.raises(KeyError, match="layer 7"):
         load_network_arrays(b, ArrayRecord({"layer7.weight": Array(np.zeros((2, 2),
                                                                             np.float32))}))
+
+
+def test_a_restarted_coordinator_keeps_the_server_momentum(tmp_path):
+    from fedff.federation.server_app import Coordinator
+
+    cfg = config.load("digits-ff", ["federation.server_momentum=0.5", "federation.rounds=3"])
+    first = Coordinator(cfg, tmp_path, resume=False, show_progress=False)
+    velocity = {"layer0.weight": RNG.normal(size=(4, 3))}
+    first.strategy.server.velocity = velocity
+    first.history = [{"round": 1, "epoch": 3, "test_error": 0.5, "error_head": 0.5,
+                      "error_goodness": 0.5, "round_seconds": 1.0, "overhead_fraction": 0.1}]
+    first.done = 1
+    first.save()
+    again = Coordinator(cfg, tmp_path, resume=True, show_progress=False)
+    assert again.done == 1 and again.strategy.round_offset == 1
+    np.testing.assert_array_equal(again.strategy.server.velocity["layer0.weight"],
+                                  velocity["layer0.weight"])
