@@ -48,6 +48,7 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     evaluated = [r for r in history if "test_error" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -59,7 +60,7 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str,
                     linestyle="-" if key == reported else "--")
     ax.set_xlabel(x)
     ax.set_ylabel("test error (%)")
-
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and rounds are whole
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)
     ax.legend()
