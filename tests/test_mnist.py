@@ -27,9 +27,10 @@ def test_unsupervised_ff_on_mnist_learns_linearly_separable_features(data_dir, t
 @pytest.mark.data
 @pytest.mark.slow
 def test_short_schedule_regression(data_dir, tmp_path):
-    """The shipped 10-epoch 3 x 1000 schedule: a regression check on the full engine."""
+    """The shipped 3 x 1000 schedule cut to 3 epochs (its 10 take CI 2-5 min): a
+    regression check on the full engine, hard negatives and the lr schedule included."""
     torch.set_num_threads(2)
     cfg = config.load("mnist-ff-3x1000-short", [f"data.data_dir={data_dir}",
-                                                "train.eval_every=10"])
+                                                "train.epochs=3", "train.eval_every=3"])
     summary = run(cfg, tmp_path, show_progress=False)
-    assert summary["test_error"] < 0.021  # measured 1.79 % (2 threads, this VM)
+    assert summary["test_error"] < 0.04  # measured 3.41 % (2 threads, this VM)
