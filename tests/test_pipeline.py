@@ -339,7 +339,7 @@ def test_ctrl_c_stops_every_worker_and_frees_the_ports(tmp_path):
         time.sleep(0.1)
     addresses = [p.read_text().strip() for p in ready]
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    assert proc.wait(timeout=60) == 130  # 3-8 s here; once over 30 s in a loaded CI run
+    assert proc.wait(timeout=60) == 130  # 3-11 s here; once over 30 s in CI (cause not found)
     assert all(port_is_free(a) for a in addresses)
     left = subprocess.run(["pgrep", "-f", str(out / "workers")], capture_output=True, text=True)
     assert left.stdout.strip() == ""

@@ -50,10 +50,6 @@ class WorkerProcess:
     history: list[int] = field(default_factory=list)  # exit codes of earlier lives
 
 
-# Exit statuses of a worker that Ctrl-C interrupted (fedff's 130, or killed by SIGINT).
-INTERRUPTED = (130, -signal.SIGINT)
-
-
 class LocalChain:
     """`with LocalChain(3, root) as chain: Pipeline(cfg, spec, chain.addresses)`."""
 
@@ -134,8 +130,8 @@ class LocalChain:
             for w in self.workers:
                 assert w.process is not None
                 code = w.process.poll()
-                if code is None or self._stopping.is_set() or code in INTERRUPTED:
-                    continue  # Ctrl-C reaches the workers too: the driver stops the chain
+                if code is None or self._stopping.is_set():
+                    continue
                 w.history.append(code)
                 if w.restarts >= self.max_restarts:
                     self.failed = (f"{w.name} died (exit status {code}) after "
