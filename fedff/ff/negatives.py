@@ -44,13 +44,15 @@ def random_wrong_labels(labels: torch.Tensor, num_classes: int,
 
 def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """A wrong label sampled in proportion to the model's predicted probability."""
+    """A wrong label sampled in proportion to the model's predicted probability.
+
+    Sampled on the CPU with the network's generator, as random_wrong_labels is: give
+    CPU tensors (the draw returns to `labels`' device)."""
     p = probs.detach().clone().float()
     p.scatter_(1, labels.view(-1, 1), 0.0)
     p = p + 1e-12  # a confident, correct model still yields a valid distribution
     p.scatter_(1, labels.view(-1, 1), 0.0)
-    # Sampled on the CPU with the network's generator, as random_wrong_labels is.
-    return torch.multinomial(p.cpu(), 1, generator=generator).view(-1).to(labels.device)
+    return torch.multinomial(p, 1, generator=generator).view(-1).to(labels.device)
 
 
 def binomial_kernel(blur_steps: int) -> torch.Tensor:
