@@ -4,8 +4,10 @@ Each worker is `python -m fedff worker` with its own checkpoint folder. The laun
 supervises them: a worker that dies is restarted on the same port (it resumes from its
 checkpoint and the chain re-sends what it lost), up to `max_restarts` times; past that,
 or on Ctrl-C, or when the driver finishes, every worker is stopped (SIGTERM, then SIGKILL
-after a grace period) and its port is free again. Workers die with the launcher even if
-it is killed outright (Linux parent-death signal), so no orphan keeps a port.
+after a grace period) and its port is free again. Workers run in sessions of their own, so
+Ctrl-C reaches the launcher alone and the shutdown has one owner; they die with the
+launcher even if it is killed outright (Linux parent-death signal), so no orphan keeps a
+port.
 """
 
 from __future__ import annotations
@@ -108,8 +110,11 @@ class LocalChain:
 
     def _spawn(self, w: WorkerProcess, listen: str) -> None:
         out = open(w.log_file, "ab")
+        # A session of its own: Ctrl-C in a terminal reaches only the driver, which stops
+        # the workers itself; otherwise the supervisor would race to restart them.
         w.process = subprocess.Popen([*w.args, "--listen", listen, "--ready-file",
-                                      str(w.ready_file)], stdout=out, stderr=subprocess.STDOUT)
+                                      str(w.ready_file)], stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         out.close()
 
     def _await_ready(self, w: WorkerProcess) -> None:
