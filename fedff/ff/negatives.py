@@ -46,12 +46,12 @@ def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """A wrong label sampled in proportion to the model's predicted probability.
 
-    Sampled on the CPU with the network's generator, as random_wrong_labels is: give
-    CPU tensors (the draw returns to `labels`' device)."""
-    p = probs.detach().clone().float()
-    p.scatter_(1, labels.view(-1, 1), 0.0)
-    p = p + 1e-12  # a confident, correct model still yields a valid distribution
-    p.scatter_(1, labels.view(-1, 1), 0.0)
+    Sampled on the CPU with the network's generator, as random_wrong_labels is, so a seed
+    gives the same negatives on every device; the draw returns on `labels`' device.
+    """
+    # + 1e-12: a confident, correct model still yields a valid distribution
+    p = probs.detach().float().cpu() + 1e-12
+    p.scatter_(1, labels.cpu().view(-1, 1), 0.0)
     return torch.multinomial(p, 1, generator=generator).view(-1).to(labels.device)
 
 

@@ -36,8 +36,8 @@ def wrong_labels(cfg: Config, spec: InputSpec, labels: torch.Tensor,
     """The negatives' labels: drawn in proportion to the head's `probs` when given (hard
     negatives), else uniformly among the wrong ones."""
     if probs is not None:
-        return neg.hard_wrong_labels(labels.cpu(), probs.cpu(), generator)
-    return neg.random_wrong_labels(labels.cpu(), spec.num_classes, generator)
+        return neg.hard_wrong_labels(labels, probs, generator)
+    return neg.random_wrong_labels(labels, spec.num_classes, generator)
 
 
 def overlay_rows(cfg: Config, num_classes: int, x: torch.Tensor, labels: torch.Tensor,
