@@ -2,16 +2,17 @@
 
 For each variant it times blocks of real training steps and reports the median block:
 samples/s, the implied epoch time, achieved GFLOP/s and that as a fraction of a dense
-fp32 matmul measured in the same run (model FLOP utilisation, MFU), and the process's
-peak RSS. The roof is measured before and after the variants, interleaved, and the
-median is used, because these machines are shared and noisy.
+fp32 4096^3 matmul measured in the same run (model FLOP utilisation, MFU), and the
+process's peak RSS. The matmul is timed before the first block and after every block;
+each block's MFU is against the two samples around it and the median block is
+reported, because these machines are shared and noisy.
 
 FLOPs are counted honestly, from the shapes: per layer and per row, 2*in*out for the
 forward pass and 2*in*out for the weight gradient (no input gradient is needed: FF
-layers never send one). Training rows are positives plus negatives; supervised FF with
-hard negatives adds the neutral-label forward pass that reads the head; the head adds
-its own forward and weight gradient. Elementwise work is not counted, so MFU is a lower
-bound of how busy the cores are.
+layers never send one). Training rows are positives plus negatives; supervised FF adds
+the neutral-label forward pass that the head reads (and hard negatives are drawn from);
+the head adds its own forward and weight gradient. Elementwise work is not counted, so
+MFU is a lower bound of how busy the cores are.
 
     python scripts/bench_ff.py --data-dir ../shared/data            # MNIST if present
     python scripts/bench_ff.py --blocks 7 --steps 40 --out bench_ff.json
@@ -43,16 +44,24 @@ VARIANTS = {
 }
 
 
-def matmul_roof(n: int = 4096, reps: int = 5) -> float:
-    """GFLOP/s of a dense fp32 n x n x n matmul (median of reps)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(reps):
+class MatmulRoof:
+    """GFLOP/s of a dense fp32 n x n x n matmul, sampled between the timed blocks.
+
+    Each block's MFU is taken against the mean of the samples just before and after it,
+    so a neighbour on a shared machine that slows both for a while cancels out.
+    """
+
+    def __init__(self, n: int = 4096):
+        self.n = n
+        self.a, self.b = torch.randn(n, n), torch.randn(n, n)
+        self.a @ self.b  # warm-up: allocator, thread pool
+        self.samples: list[float] = []
+
+    def sample(self) -> float:
         start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+        self.a @ self.b
+        self.samples.append(2 * self.n**3 / (time.perf_counter() - start) / 1e9)
+        return self.samples[-1]
 
 
 def flops_per_batch(net: FFNetwork, batch: int) -> float:
@@ -77,7 +86,8 @@ def load(data_dir: str | None) -> Dataset:
         return Dataset("random-784", x, y, x[:1000], y[:1000], (28, 28))
 
 
-def bench_variant(overrides: list[str], ds: Dataset, steps: int, blocks: int) -> dict:
+def bench_variant(overrides: list[str], ds: Dataset, steps: int, blocks: int,
+                  roof: MatmulRoof) -> dict:
     cfg = config.load("mnist-ff-3x1000", overrides)
     net = FFNetwork(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes))
     b = cfg.train.batch_size
@@ -92,16 +102,20 @@ def bench_variant(overrides: list[str], ds: Dataset, steps: int, blocks: int) ->
 
     for _ in range(5):  # warm-up: allocator, thread pool
         step()
-    block_times = []
+    flops = flops_per_batch(net, b)
+    block_times, block_mfu, before = [], [], roof.sample()
     for _ in range(blocks):
         start = time.perf_counter()
         for _ in range(steps):
             step()
         block_times.append(time.perf_counter() - start)
+        after = roof.sample()
+        block_mfu.append(flops * steps / block_times[-1] / 1e9 / ((before + after) / 2))
+        before = after
     t = statistics.median(block_times) / steps
-    flops = flops_per_batch(net, b)
     return {"seconds_per_batch": t, "samples_per_s": b / t, "epoch_seconds": 60000 / b * t,
             "gflop_per_batch": flops / 1e9, "gflops": flops / t / 1e9,
+            "mfu": statistics.median(block_mfu), "block_mfu": block_mfu,
             "block_seconds": block_times}
 
 
@@ -116,17 +130,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ds = load(args.data_dir)
-    roofs = [matmul_roof()]
-    rows = {}
-    for name in args.variants:
-        rows[name] = bench_variant(VARIANTS[name], ds, args.steps, args.blocks)
-        roofs.append(matmul_roof())
-    roof = statistics.median(roofs)
-    for row in rows.values():
-        row["mfu"] = row["gflops"] / roof
+    roof = MatmulRoof()
+    rows = {name: bench_variant(VARIANTS[name], ds, args.steps, args.blocks, roof)
+            for name in args.variants}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nmatmul roof (fp32 4096^3, {args.threads} threads): {roof:.1f} GFLOP/s "
-          f"(median of {len(roofs)}: {', '.join(f'{r:.0f}' for r in roofs)})")
+    roofs = roof.samples
+    print(f"\nmatmul roof (fp32 4096^3, {args.threads} threads): median "
+          f"{statistics.median(roofs):.1f} GFLOP/s of {len(roofs)} samples "
+          f"({min(roofs):.0f}-{max(roofs):.0f}), one before and after every block")
     print(f"{'variant':<26}{'samples/s':>11}{'epoch s':>9}{'GFLOP/s':>9}{'MFU':>7}")
     for name, r in rows.items():
         print(f"{name:<26}{r['samples_per_s']:>11.0f}{r['epoch_seconds']:>9.1f}"
@@ -134,8 +145,9 @@ def main() -> None:
     print(f"peak RSS: {peak:.0f} MiB")
     result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
               "torch": torch.__version__, "dataset": ds.name, "batch_size": 100,
-              "matmul_roof_gflops": roof, "roof_samples": roofs, "variants": rows,
-              "peak_rss_mb": peak, "steps_per_block": args.steps, "blocks": args.blocks}
+              "matmul_roof_gflops": statistics.median(roofs), "roof_samples": roofs,
+              "variants": rows, "peak_rss_mb": peak, "steps_per_block": args.steps,
+              "blocks": args.blocks}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 

@@ -142,6 +142,32 @@ def test_update_equals_autograd_of_the_reference_loss(objective, gamma):
     assert torch.allclose(layer.peer_mean, m)
 
 
+@pytest.mark.parametrize("objective,gamma", [("hinton", None), ("low", None),
+                                             ("hinton", "random")])
+def test_loss_grad_and_accuracy_match_the_reference_formulas(objective, gamma):
+    """The fused loss_and_grad against the plain loss and autograd, with unequal numbers
+    of positives (32) and negatives (18), so each half's 1 / n weight is checked."""
+    layer = make_layer(objective=objective, temperature=2.0)
+    batch = separable_batch(6, n=32)
+    batch = LayerBatch(batch.x[:50], n_pos=32)
+    if gamma:
+        batch.gamma = torch.randn(50, generator=torch.Generator().manual_seed(7))
+    pending = layer.begin(batch)
+    goodness = pending.y.pow(2).sum(1).requires_grad_(True)
+    reference = layer.objective.loss(layer.objective.score(goodness), 32, batch.gamma)
+    reference.backward()
+    logits = pending.score if gamma is None else pending.score + batch.gamma
+    correct = int((logits[:32] > 0).sum() + (logits[32:] <= 0).sum())
+
+    loss, d_goodness, n_right = layer.objective.loss_and_grad(pending.score, 32, batch.gamma)
+    assert torch.allclose(loss, reference.detach(), rtol=1e-5)
+    assert torch.allclose(d_goodness, goodness.grad, rtol=1e-4, atol=1e-9)
+    assert int(n_right) == correct
+    metrics = layer.finish(pending, batch.gamma).metrics
+    assert metrics["loss"] == pytest.approx(float(reference), rel=1e-5)
+    assert metrics["ff_accuracy"] == correct / 50
+
+
 def test_weights_move_between_layers_without_optimiser_state():
     """What a federation averages: parameters only; each client keeps its optimiser."""
     a, b = make_layer(), make_layer()

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from fedff.config import OptimConfig
-from fedff.ff.objectives import (GoodnessObjective, peer_norm_grad, positive_accuracy,
-                                 rms_normalize)
+from fedff.ff.objectives import GoodnessObjective, peer_norm_grad, rms_normalize
 
 STATE_FORMAT = 1
 
@@ -210,7 +209,9 @@ class FFLayer:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_score(x)[0]
+        self.check_input(x)
+        _, y, g = self._activity(x)
+        return self._normalized_output(y, g)
 
     @torch.no_grad()
     def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,15 +253,13 @@ class FFLayer:
                 raise ShapeError(f"gamma must hold one score per sample, shape "
                                  f"[{score.shape[0]}], got {list(gamma.shape)}")
             gamma = gamma.to(self.device)
-        metrics = {"loss": float(self.objective.loss(score, n_pos, gamma)),
-                   "ff_accuracy": positive_accuracy(score, n_pos, gamma)}
+        loss, d_goodness, correct = self.objective.loss_and_grad(score, n_pos, gamma)
+        metrics = {"loss": float(loss), "ff_accuracy": int(correct) / score.shape[0]}
         if self.config.frozen:
             return LayerResult(out=pending.out, score=score, metrics=metrics)
-        d_goodness = self.objective.loss_grad_goodness(score, n_pos, gamma)
-        d_z = y * (2 * d_goodness).unsqueeze(1)
+        d_z = y * d_goodness.mul_(2).unsqueeze(1)
         if self.config.peer_norm > 0:
-            m = self.config.peer_momentum
-            self.peer_mean.mul_(m).add_(y[:n_pos].mean(dim=0), alpha=1 - m)
+            self.peer_mean.lerp_(y[:n_pos].mean(dim=0), 1 - self.config.peer_momentum)
             d_z[:n_pos] += peer_norm_grad(self.peer_mean, self.config.peer_norm, n_pos)
         self.module.weight.grad = d_z.t() @ pending.x_hat
         self.module.bias.grad = d_z.sum(dim=0)

@@ -18,9 +18,13 @@ import torch.nn.functional as F
 
 def overlay(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
             strength: float = 1.0) -> torch.Tensor:
-    """Replaces the first `num_classes` features with a one-hot of `labels`."""
-    out = x.clone()
-    out[:, :num_classes] = F.one_hot(labels, num_classes).to(x.dtype) * strength
+    """x with the first `num_classes` features replaced by a one-hot of `labels`.
+
+    `labels` may hold k labels per row of x: the result is then x stacked k times, the
+    i-th copy with the i-th block of labels (one copy of x, not k + 1).
+    """
+    out = x.repeat(labels.shape[0] // x.shape[0], 1)
+    out[:, :num_classes] = F.one_hot(labels, num_classes).to(x.dtype).mul_(strength)
     return out
 
 

@@ -47,9 +47,8 @@ def overlay_rows(cfg: Config, num_classes: int, x: torch.Tensor, labels: torch.T
     A worker chain's first worker runs this on the examples the driver sends, which
     carries a third of the bytes that the finished rows would.
     """
-    strength = cfg.train.label_strength
-    return torch.cat([neg.overlay(x, labels, num_classes, strength),
-                      neg.overlay(x, wrong.to(x.device), num_classes, strength)])
+    both = torch.cat([labels, wrong.to(labels.device)])
+    return neg.overlay(x, both, num_classes, cfg.train.label_strength)
 
 
 def training_rows(cfg: Config, spec: InputSpec, x: torch.Tensor, labels: torch.Tensor,
@@ -157,9 +156,15 @@ class FFNetwork:
             scores.append(s)
         return outs, torch.stack(scores)
 
+    @torch.no_grad()
     def head_features(self, x: torch.Tensor) -> torch.Tensor:
-        outs, _ = self.activities(x)
-        return torch.cat([outs[i] for i in self.head_layers], dim=1)
+        """The head's input: the head layers' outputs for x (no scores: only the head
+        reads this pass)."""
+        taps, h = {}, x.to(self.device)
+        for i, layer in enumerate(self.layers[:max(self.head_layers) + 1]):
+            h = layer.forward(h)
+            taps[i] = h
+        return self.block.head_features(taps)
 
     @torch.no_grad()
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ layer's threshold is subtracted by its own layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,8 @@ def rms_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     Only the direction of a layer's activity is passed on; its length (the goodness) is
     what that layer was judged by, so the next layer cannot simply copy it.
     """
-    return x / (x.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.mul_(x.shape[-1] ** -0.5).add_(eps)
 
 
 @dataclass(frozen=True)
@@ -48,21 +50,46 @@ class GoodnessObjective:
             loss = loss + F.softplus(neg).mean()
         return loss
 
-    def loss_grad_goodness(self, score: torch.Tensor, n_pos: int,
-                           gamma: torch.Tensor | None) -> torch.Tensor:
-        """d loss / d G for every row: the analytic derivative of `loss`.
+    def loss_and_grad(self, score: torch.Tensor, n_pos: int, gamma: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, d loss / d G for every row, number of rows classified right), at once.
 
-        d softplus(-l)/dl = -sigmoid(-l), d softplus(l)/dl = sigmoid(l), dl/dG = sign / T.
-        Layers use it to update without an autograd graph (see FFLayer.finish).
+        The analytic derivative of `loss`: with the margin u = -t * (s + gamma), t = +1 for
+        positives and -1 for negatives, each row's loss is softplus(u) and its derivative
+        by s is -t * sigmoid(u), times the row's 1 / n weight and ds/dG = sign / T. Written
+        over whole rows with precomputed per-row constants, it is a handful of small ops
+        instead of dozens: on a CPU, a layer step of a 3 x 1000 net spends as long in
+        dispatching small ops as in a 1000-wide elementwise pass. A row on the boundary
+        (u = 0) counts as wrong.
         """
         logits = score if gamma is None else score + gamma
-        grad = torch.empty_like(logits)
-        n_neg = logits.shape[0] - n_pos
-        grad[:n_pos] = -torch.sigmoid(-logits[:n_pos]) / n_pos
-        if n_neg:
-            grad[n_pos:] = torch.sigmoid(logits[n_pos:]) / n_neg
         sign = 1.0 if self.positive_high else -1.0
-        return grad * (sign / self.temperature)
+        rows = row_constants(n_pos, logits.shape[0], sign / self.temperature, logits.dtype,
+                             logits.device)
+        u = logits * rows.neg_t
+        loss = torch.dot(F.softplus(u), rows.weight)
+        return loss, torch.sigmoid(u).mul_(rows.grad), (u < 0).sum()
+
+
+@dataclass(frozen=True)
+class RowConstants:
+    """Per-row constants of the FF loss for a batch of n_pos positives, then negatives."""
+
+    neg_t: torch.Tensor  # -1 on positives, +1 on negatives
+    weight: torch.Tensor  # 1 / n_pos on positives, 1 / n_neg on negatives
+    grad: torch.Tensor  # d loss / d G = grad * sigmoid(u): -t * weight * sign / T
+
+
+@functools.lru_cache(maxsize=16)
+def row_constants(n_pos: int, n: int, scale: float, dtype: torch.dtype, device: torch.device
+                  ) -> RowConstants:
+    n_neg = n - n_pos
+    neg_t = torch.ones(n, dtype=dtype, device=device)
+    neg_t[:n_pos] = -1.0
+    weight = torch.full((n,), 1.0 / n_pos, dtype=dtype, device=device)
+    if n_neg:
+        weight[n_pos:] = 1.0 / n_neg
+    return RowConstants(neg_t, weight, neg_t * weight * scale)
 
 
 def peer_norm_grad(running_mean: torch.Tensor, strength: float, n_pos: int) -> torch.Tensor:
@@ -73,11 +100,4 @@ def peer_norm_grad(running_mean: torch.Tensor, strength: float, n_pos: int) -> t
     few units from carrying all the goodness. As a descent gradient, averaged over the
     batch like the FF loss: -lambda * (mean(m) - m_j) / B for each positive row.
     """
-    return -strength * (running_mean.mean() - running_mean) / n_pos
-
-
-def positive_accuracy(score: torch.Tensor, n_pos: int, gamma: torch.Tensor | None) -> float:
-    """Fraction of rows the layer classifies correctly as positive / negative."""
-    logits = score if gamma is None else score + gamma
-    correct = (logits[:n_pos] > 0).sum() + (logits[n_pos:] <= 0).sum()
-    return float(correct) / max(1, logits.shape[0])
+    return (running_mean - running_mean.mean()).mul_(strength / n_pos)
