@@ -197,7 +197,7 @@ class FFLayer:
 
     def _activity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normalised input, y = relu(W x_hat + b), goodness G = sum y^2), no graph."""
-        x = x.detach().to(self.device)
+        x = x.to(self.device)  # the callers run without autograd: nothing to detach
         x_hat = rms_normalize(x) if self.config.normalize_input else x
         y = torch.addmm(self.module.bias, x_hat, self.module.weight.t()).clamp_min_(0)
         return x_hat, y, torch.linalg.vector_norm(y, dim=1).square_()

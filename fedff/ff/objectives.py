@@ -37,9 +37,13 @@ class GoodnessObjective:
     temperature: float = 1.0
     positive_high: bool = True
 
+    @property
+    def scale(self) -> float:
+        """ds/dG = sign / T."""
+        return (1.0 if self.positive_high else -1.0) / self.temperature
+
     def score(self, goodness: torch.Tensor) -> torch.Tensor:
-        sign = 1.0 if self.positive_high else -1.0
-        return sign * (goodness - self.theta) / self.temperature
+        return (goodness - self.theta).mul_(self.scale)
 
     def loss(self, score: torch.Tensor, n_pos: int, gamma: torch.Tensor | None) -> torch.Tensor:
         """softplus(-(s_pos + gamma)) + softplus(s_neg + gamma), each averaged over its rows."""
@@ -63,9 +67,7 @@ class GoodnessObjective:
         (u = 0) counts as wrong.
         """
         logits = score if gamma is None else score + gamma
-        sign = 1.0 if self.positive_high else -1.0
-        rows = row_constants(n_pos, logits.shape[0], sign / self.temperature, logits.dtype,
-                             logits.device)
+        rows = row_constants(n_pos, logits.shape[0], self.scale, logits.dtype, logits.device)
         u = logits * rows.neg_t
         loss = torch.dot(F.softplus(u), rows.weight)
         return loss, torch.sigmoid(u).mul_(rows.grad), (u < 0).sum()
