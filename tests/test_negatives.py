@@ -14,6 +14,17 @@ def test_overlay_and_neutral_write_only_label_pixels():
     assert torch.allclose(neg.neutral(x, 10)[:, :10], torch.full((4, 10), 0.1))
 
 
+def test_overlay_with_two_labels_per_row_stacks_positives_then_negatives():
+    x = torch.rand(3, 20)
+    labels, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    out = neg.overlay(x, torch.cat([labels, wrong]), 10, strength=0.5)
+    assert torch.equal(out, torch.cat([neg.overlay(x, labels, 10, 0.5),
+                                       neg.overlay(x, wrong, 10, 0.5)]))
+    assert out[:, :10].max() == 0.5
+    with pytest.raises(ValueError, match="k labels per row"):
+        neg.overlay(x, torch.tensor([1, 2, 3, 4]), 10)
+
+
 def test_random_wrong_labels_are_wrong_and_cover_all_others():
     g = torch.Generator().manual_seed(0)
     labels = torch.full((5000,), 4)

@@ -23,7 +23,11 @@ def overlay(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
     `labels` may hold k labels per row of x: the result is then x stacked k times, the
     i-th copy with the i-th block of labels (one copy of x, not k + 1).
     """
-    out = x.repeat(labels.shape[0] // x.shape[0], 1)
+    copies, rest = divmod(labels.shape[0], x.shape[0])
+    if rest or not copies:
+        raise ValueError(f"overlay needs k labels per row of x ({x.shape[0]} rows), got "
+                         f"{labels.shape[0]} labels")
+    out = x.repeat(copies, 1)
     out[:, :num_classes] = F.one_hot(labels, num_classes).to(x.dtype).mul_(strength)
     return out
 

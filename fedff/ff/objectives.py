@@ -61,10 +61,9 @@ class GoodnessObjective:
         The analytic derivative of `loss`: with the margin u = -t * (s + gamma), t = +1 for
         positives and -1 for negatives, each row's loss is softplus(u) and its derivative
         by s is -t * sigmoid(u), times the row's 1 / n weight and ds/dG = sign / T. Written
-        over whole rows with precomputed per-row constants, it is a handful of small ops
-        instead of dozens: on a CPU, a layer step of a 3 x 1000 net spends as long in
-        dispatching small ops as in a 1000-wide elementwise pass. A row on the boundary
-        (u = 0) counts as wrong.
+        over whole rows with precomputed per-row constants it takes 7 ops where the
+        separate formulas took about 25, and on a CPU each small op costs microseconds of
+        dispatch whatever its size. A row on the boundary (u = 0) counts as wrong.
         """
         logits = score if gamma is None else score + gamma
         rows = row_constants(n_pos, logits.shape[0], self.scale, logits.dtype, logits.device)
