@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedff.ff import negatives as neg
 
@@ -54,6 +55,18 @@ def test_blob_masks_are_binary_with_large_regions():
     assert same_as_right > 0.85  # a random binary image would give about 0.5
     frac = m.mean()
     assert 0.3 < frac < 0.7
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_blur_matrix_is_the_replicate_padded_binomial_convolution(k):
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(5, 1, 28, 20, generator=g)
+    kern = neg.binomial_kernel(k)
+    conv = F.conv2d(F.pad(img, (k, k, 0, 0), mode="replicate"), kern.view(1, 1, 1, -1))
+    conv = F.conv2d(F.pad(conv, (0, 0, k, k), mode="replicate"), kern.view(1, 1, -1, 1))
+    blurred = neg.blur_matrix(28, k).t() @ (img[:, 0] @ neg.blur_matrix(20, k))
+    assert torch.allclose(blurred, conv[:, 0], atol=1e-6)
+    assert torch.allclose(neg.blur_matrix(20, k).sum(0), torch.ones(20))  # averages
 
 
 def test_hybrid_pixels_come_from_one_of_two_images():

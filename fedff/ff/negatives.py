@@ -10,6 +10,7 @@ and differ only in long-range shape.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -70,21 +71,36 @@ def binomial_kernel(blur_steps: int) -> torch.Tensor:
     return torch.tensor(coefficients, dtype=torch.float32) / 4**blur_steps
 
 
+@functools.lru_cache(maxsize=8)
+def blur_matrix(size: int, blur_steps: int) -> torch.Tensor:
+    """B [size, size] with (v @ B)[j] = sum_t kern[t] * v[clamp(j + t - k, 0, size - 1)]:
+    the binomial blur of a length-`size` signal, edges replicated, as one matrix.
+
+    Blurring a batch of small masks is then two batched matmuls; as two single-channel
+    convolutions with padding it cost about 2 ms per 100 MNIST masks, a tenth of an
+    unsupervised 3 x 1000 step on a CPU.
+    """
+    kern, k = binomial_kernel(blur_steps), blur_steps
+    out = torch.arange(size).expand(2 * k + 1, size)
+    src = (out + torch.arange(-k, k + 1).view(-1, 1)).clamp(0, size - 1)
+    weights = kern.view(-1, 1).expand(2 * k + 1, size)
+    matrix = torch.zeros(size, size)
+    matrix.index_put_((src.reshape(-1), out.reshape(-1)), weights.reshape(-1), accumulate=True)
+    return matrix
+
+
 def blob_masks(n: int, shape: tuple[int, int], blur_steps: int,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Masks with large regions of ones and zeros: a random binary image blurred
     `blur_steps` times with [1/4, 1/2, 1/4] in both directions, thresholded at 0.5.
 
-    k blurs are one blur with the composed binomial kernel, applied here as two separable
-    convolutions (edges replicated) rather than 4k small ops.
+    k blurs are one blur with the composed binomial kernel (edges replicated), applied
+    along rows and then columns as matmuls with `blur_matrix` rather than 4k small ops.
     """
     h, w = shape
-    m = torch.randint(0, 2, (n, 1, h, w), generator=generator).float()
+    m = torch.randint(0, 2, (n, h, w), generator=generator, dtype=torch.float32)
     if blur_steps:
-        kern = binomial_kernel(blur_steps)
-        r = blur_steps
-        m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), kern.view(1, 1, 1, -1))
-        m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), kern.view(1, 1, -1, 1))
+        m = blur_matrix(h, blur_steps).t() @ (m @ blur_matrix(w, blur_steps))
     return (m > 0.5).float().view(n, h * w)
 
 
