@@ -169,10 +169,7 @@ class LayerBlock:
         """CFF all: every layer's forward pass now, the updates once gamma is complete."""
         taps, neutral = dict(p.taps), p.neutral
         if neutral is not None:  # before any update, as in train_layer
-            for i, layer in zip(self.indices, self.layers):
-                neutral = layer.forward(neutral)
-                if i in self.head_layers:
-                    taps[i] = neutral
+            neutral = self.forward_taps(neutral, taps)
         pending, h = [], p.x
         for i, layer in zip(self.indices, self.layers):
             pending.append(layer.begin(LayerBatch(h, p.n_pos)))
@@ -217,6 +214,16 @@ class LayerBlock:
         return torch.cat([taps[i] for i in self.head_layers], dim=1)
 
     # -- inference -------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_taps(self, x: torch.Tensor, taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The block's output for x, head-layer outputs into taps; no scores (the neutral
+        pass that only the head reads)."""
+        for i, layer in zip(self.indices, self.layers):
+            x = layer.forward(x)
+            if i in self.head_layers:
+                taps[i] = x
+        return x
+
     @torch.no_grad()
     def infer(self, x: torch.Tensor, taps: dict[int, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:

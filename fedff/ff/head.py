@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedff.config import HeadConfig
-from fedff.ff.layer import snapshot
+from fedff.ff.layer import make_sgd, snapshot
 
 
 class LinearHead:
@@ -22,10 +22,8 @@ class LinearHead:
         self.config = config
         self.linear = nn.Linear(in_features, num_classes, bias=False).to(device)
         nn.init.zeros_(self.linear.weight)
-        self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=config.lr,
-                                         momentum=config.momentum,
-                                         weight_decay=config.weight_decay,
-                                         fused=torch.device(device).type in ("cpu", "cuda"))
+        self.optimizer = make_sgd(self.linear.parameters(), torch.device(device), lr=config.lr,
+                                  momentum=config.momentum, weight_decay=config.weight_decay)
 
     def set_lr_factor(self, factor: float) -> None:
         for group in self.optimizer.param_groups:

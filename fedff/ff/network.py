@@ -156,14 +156,9 @@ class FFNetwork:
             scores.append(s)
         return outs, torch.stack(scores)
 
-    @torch.no_grad()
     def head_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's input: the head layers' outputs for x (no scores: only the head
-        reads this pass)."""
-        taps, h = {}, x.to(self.device)
-        for i, layer in enumerate(self.layers[:max(self.head_layers) + 1]):
-            h = layer.forward(h)
-            taps[i] = h
+        taps: dict[int, torch.Tensor] = {}
+        self.block.forward_taps(x.to(self.device), taps)
         return self.block.head_features(taps)
 
     @torch.no_grad()

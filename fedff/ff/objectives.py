@@ -46,7 +46,10 @@ class GoodnessObjective:
         return (goodness - self.theta).mul_(self.scale)
 
     def loss(self, score: torch.Tensor, n_pos: int, gamma: torch.Tensor | None) -> torch.Tensor:
-        """softplus(-(s_pos + gamma)) + softplus(s_neg + gamma), each averaged over its rows."""
+        """softplus(-(s_pos + gamma)) + softplus(s_neg + gamma), each averaged over its rows.
+
+        The definition, differentiable by autograd; layers train with `loss_and_grad`, which
+        tests/test_layer.py checks against it."""
         logits = score if gamma is None else score + gamma
         pos, neg = logits[:n_pos], logits[n_pos:]
         loss = F.softplus(-pos).mean()
