@@ -1,6 +1,7 @@
-"""`fedff` command line: train, eval, configs.
+"""`fedff` command line: train, simulate, pipeline, worker, eval, configs.
 
-Every expected failure (bad config, missing data, wrong shapes) ends in one line,
+Every expected failure (a `FedffError`: bad config, missing data, wrong shapes, a dead
+peer, bad credentials, a file that is not a checkpoint) ends in one line,
 `fedff: error: ...`, that names the problem and the fix, and exit status 2.
 """
 
@@ -13,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from fedff import __version__
+from fedff import __version__, files
 from fedff import config as config_mod
 from fedff.config import ConfigError
-from fedff.data.idx import DataError
-from fedff.ff.layer import ShapeError
+from fedff.errors import FedffError
 
 EXAMPLES = """examples:
-  fedff simulate                                # quick start: 10 clients, embedded digits
+  fedff simulate                                # quick start: 5 clients, embedded digits
   fedff simulate --config mnist-ff-3x1000-short --data-dir ../shared/data \\
       --set federation.partitioner=dirichlet --set federation.alpha=0.5
   fedff train                                   # one process, embedded 8x8 digits
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batches in flight to the next worker (default 4)")
     wk.add_argument("--threads", type=int, default=0, metavar="N",
                     help="torch intra-op threads (default: torch's choice)")
-    wk.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    wk.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="where this worker's layers live (default cpu)")
     wk.add_argument("--max-batch-mb", type=int, default=512, metavar="MB",
                     help="refuse batches larger than this (default 512)")
     wk.add_argument("--ready-file", type=Path, metavar="FILE",
@@ -190,7 +191,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _security(args: argparse.Namespace):
-    from fedff.worker.security import Security
+    from fedff.wire.security import Security
 
     return Security.from_args(args.tls_ca, args.tls_cert, args.tls_key, args.mtls,
                               args.token_file, args.tls_server_name)
@@ -224,8 +225,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
+    from fedff.train import resolve_device
     from fedff.worker.server import WorkerServer
-    from fedff.worker.servicer import WorkerOptions
+    from fedff.worker.options import WorkerOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.exit_with_parent:
@@ -234,7 +236,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         exit_with_parent(args.exit_with_parent)
     options = WorkerOptions(name=args.name, checkpoint_dir=args.checkpoint_dir,
                             checkpoint_every=args.checkpoint_every, window=args.window,
-                            device=args.device, next_address=args.next,
+                            device=str(resolve_device(args.device)), next_address=args.next,
                             max_batch_bytes=args.max_batch_mb * 2**20)
     server = WorkerServer(args.listen, options, _security(args), threads=args.threads)
     server.start(args.ready_file)
@@ -246,10 +248,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedff.train import build_network, load_data, resolve_device, test_metrics
 
-    if not args.checkpoint.is_file():
-        raise DataError(f"checkpoint {args.checkpoint} not found; pass the checkpoint.pt "
-                        f"that `fedff train --out DIR` wrote")
-    saved = torch.load(args.checkpoint, weights_only=False, map_location="cpu")
+    saved = files.load(args.checkpoint, keys=("network",))
     cfg = config_mod.from_dict(saved["network"]["config"])
     for item in _common_overrides(args):
         config_mod.apply(cfg, *item.split("=", 1))
@@ -272,7 +271,8 @@ def cmd_configs(args: argparse.Namespace) -> int:
         for key in config_mod.all_keys():
             section, _, name = key.partition(".")
             value = defaults[section][name] if name else defaults[section]
-            print(f"{key} = {value!r}")
+            allowed = config_mod.choices(key)
+            print(f"{key} = {value!r}" + (f"  # {' | '.join(allowed)}" if allowed else ""))
     elif args.name:
         from importlib import resources
 
@@ -289,12 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
                 "pipeline": cmd_pipeline, "worker": cmd_worker, "simulate": cmd_simulate}
-    from fedff.worker.link import PeerError
-    from fedff.worker.security import SecurityError
-
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ShapeError, PeerError, SecurityError, OSError) as err:
+    except (FedffError, OSError) as err:
         print(f"fedff: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ the engine can trust what it receives and a user learns about a typo before trai
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import tomllib
@@ -15,9 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedff.errors import ConfigError
+from fedff.layers import registry
+from fedff.layers.contract import OptimConfig
 
-class ConfigError(ValueError):
-    """A bad config value or key; the message names the problem and the fix."""
+__all__ = ["Config", "ConfigError", "OptimConfig", "all_keys", "apply", "from_dict", "load",
+           "validate"]
 
 
 @dataclass
@@ -30,23 +34,6 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    """Each layer's own optimiser: SGD with momentum and weight decay.
-
-    torch's convention: `lr` multiplies the momentum buffer, so with dampening 0 the
-    steady-state step is lr / (1 - momentum) times the gradient. dampening = 1 - momentum
-    gives the reference code's smoothed gradient at the same lr. The defaults were chosen
-    on MNIST 3 x 1000 (2-epoch sweep of lr in 2.5e-4..1e-2, see the engine's notes).
-    """
-
-    lr: float = 0.0005
-    momentum: float = 0.9
-    dampening: float = 0.0
-    weight_decay: float = 0.0003
-    schedule: str = "half-constant-linear"  # | constant
-
-
-@dataclass
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])
     objective: str = "hinton"  # hinton: positives have high goodness | low: the opposite
@@ -55,9 +42,9 @@ class ModelConfig:
     peer_norm: float = 0.03
     peer_momentum: float = 0.9
     collaboration: str = "none"  # none | earlier (gamma_<k) | all (gamma_{t != k})
-    # What each layer is: "ff" (FF goodness) or a UFF cell (ae, dae, conv-ae, conv-dae,
-    # gan); one kind for every layer, or a comma list with one per layer, e.g.
-    # "conv-ae,conv-ae,ae".
+    # What each layer is: a kind of fedff.layers.registry, "ff" (FF goodness) or a UFF
+    # cell (ae, dae, conv-ae, conv-dae, gan); one kind for every layer, or a comma list
+    # with one per layer, e.g. "conv-ae,conv-ae,ae".
     cell: str = "ff"
     cell_noise: float = 0.3  # dae cells: share of inputs zeroed
 
@@ -178,8 +165,6 @@ NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.h
                 "probe.knn_examples", "federation.server_warmup")
 UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum",
                  "model.cell_noise", "federation.server_momentum")
-CELL_KINDS = ("ff", "ae", "dae", "conv-ae", "conv-dae", "gan")
-CONV_CELLS = ("conv-ae", "conv-dae")
 
 
 def _section_types() -> dict[str, type]:
@@ -187,9 +172,23 @@ def _section_types() -> dict[str, type]:
 
 
 def _fail_unknown(key: str, known: list[str]) -> None:
-    close = difflib.get_close_matches(key, known, n=1)
+    """Suggests the key of that name in another section first (train.lr -> optim.lr),
+    then the closest spelling among all keys."""
+    name = key.rpartition(".")[2]
+    same_name = [k for k in known if k.rpartition(".")[2] == name]
+    close = same_name or difflib.get_close_matches(key, known, n=1)
+    if not close:  # a misspelt field in any section: match on the field names
+        fields_ = {k.rpartition(".")[2]: k for k in known}
+        close = [fields_[m] for m in difflib.get_close_matches(name, list(fields_), n=1)]
     hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(known)}"
     raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The values a key may take, where it has a fixed set (layer kinds: the registry)."""
+    if key == "model.cell":
+        return tuple(registry.kind_names())
+    return CHOICES.get(key, ())
 
 
 def all_keys() -> list[str]:
@@ -283,7 +282,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'model.hidden' needs one or more positive layer widths, "
                           f"got {cfg.model.hidden!r}; e.g. --set model.hidden=1000,1000,1000")
     sup = cfg.train.algorithm == "supervised"
-    kinds = _validate_cells(cfg)
     if sup and cfg.train.negatives in ("hybrid", "none"):
         raise ConfigError(f"train.negatives = {cfg.train.negatives!r} needs train.algorithm = "
                           f"'unsupervised'; use random or hard for supervised FF")
@@ -291,9 +289,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images "
                           f"(or none, for UFF cells); set train.negatives = 'hybrid' or 'none' "
                           f"(got {cfg.train.negatives!r})")
-    if "ff" in kinds and cfg.train.negatives == "none":
-        raise ConfigError("FF-goodness layers (model.cell 'ff') need negatives; set "
-                          "train.negatives = 'hybrid', or make every layer a UFF cell")
+    registry.check_kinds(cfg)
     if not sup and cfg.train.classify == "goodness":
         raise ConfigError("unsupervised FF has no label overlay to score per label; "
                           "set train.classify = 'head' or 'probe'")
@@ -323,29 +319,21 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _validate_cells(cfg: Config) -> list[str]:
-    kinds = [k.strip() for k in cfg.model.cell.split(",")]
-    n = len(cfg.model.hidden)
-    if len(kinds) not in (1, n):
-        raise ConfigError(f"model.cell lists {len(kinds)} kinds for {n} layers; give one kind "
-                          f"for all or one per layer, e.g. model.cell=ae or ae,dae,ae")
-    kinds = kinds * n if len(kinds) == 1 else kinds
-    bad = [k for k in kinds if k not in CELL_KINDS]
-    if bad:
-        raise ConfigError(f"model.cell has unknown kinds {bad}; choose from "
-                          f"{', '.join(CELL_KINDS)}")
-    if any(k != "ff" for k in kinds):
-        if cfg.train.algorithm == "supervised":
-            raise ConfigError("UFF cells learn without labels; set train.algorithm = "
-                              "'unsupervised' (with train.negatives = 'none')")
-        if cfg.model.collaboration != "none":
-            raise ConfigError("collaborative FF needs FF-goodness layers only; set "
-                              "model.collaboration = 'none' with UFF cells")
-    for i, kind in enumerate(kinds):
-        if kind in CONV_CELLS and i > 0 and kinds[i - 1] not in CONV_CELLS:
-            raise ConfigError(f"layer {i} is a {kind} cell after a {kinds[i - 1]!r} layer, "
-                              f"which has no image shape; put conv-ae/conv-dae cells first")
-    return kinds
+SHAPE_KEYS = ("data.dataset", "model.hidden", "model.cell", "head.layers")
+
+
+def resumed(cfg: Config, saved: dict[str, Any]) -> tuple[Config, list[str]]:
+    """The config a resumed run trains with: the network's shape from the checkpoint's
+    config `saved`, every other value from `cfg` (the command line), as nanoGPT does.
+    Also returns the shape keys where the two differed."""
+    out, changed = copy.deepcopy(cfg), []
+    for key in SHAPE_KEYS:
+        section, _, name = key.partition(".")
+        value = saved.get(section, {}).get(name, getattr(getattr(cfg, section), name))
+        if value != getattr(getattr(cfg, section), name):
+            changed.append(f"{key}={value!r}")
+            setattr(getattr(out, section), name, value)
+    return validate(out), changed
 
 
 def named_configs() -> list[str]:

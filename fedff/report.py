@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from fedff import files
+
 
 def write_json(path: Path, data: Any) -> None:
-    """Writes atomically, so a crash mid-write never leaves half a file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(data, indent=2))
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,8 +7,8 @@ to resume or to score with `fedff eval`) and learning_curve.png.
 
 from __future__ import annotations
 
-import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +17,12 @@ import torch
 from tqdm import tqdm
 
 from fedff.config import Config, ConfigError
+from fedff.config import resumed as config_resumed
 from fedff.data.datasets import Dataset, load_dataset
-from fedff.ff.evaluate import evaluate
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.evaluate import evaluate
+from fedff.engine.network import FFNetwork, InputSpec, Network
+from fedff import files
+from fedff.memory import peak_rss_mb, rss_mb
 from fedff.report import plot_learning_curve, write_csv, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -34,20 +37,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def rss_mb() -> float:
-    """Current resident set size (Linux), falling back to the peak elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * resource.getpagesize() / 2**20
-    except OSError:
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def load_data(cfg: Config) -> Dataset:
     d = cfg.data
     return load_dataset(d.dataset, d.data_dir or None, d.download, d.train_limit, d.test_limit)
@@ -60,7 +49,7 @@ def build_network(cfg: Config, ds: Dataset, device: torch.device) -> FFNetwork:
 REPORTED = {"goodness": "error_goodness", "head": "error_head", "probe": "probe_error"}
 
 
-def test_metrics(net: Any, ds: Dataset, final: bool = False) -> dict[str, Any]:
+def test_metrics(net: Network, ds: Dataset, final: bool = False) -> dict[str, Any]:
     """Test errors; after the last epoch of an unsupervised run also the probes'."""
     result = evaluate(net, ds.test_x, ds.test_y)
     cfg = net.cfg
@@ -90,7 +79,7 @@ class Progress:
         return {k: v / max(1, self.count) for k, v in self.sums.items()}
 
 
-def train_epoch(net: FFNetwork, ds: Dataset, epoch: int, show: bool) -> dict[str, float]:
+def train_epoch(net: Network, ds: Dataset, epoch: int, show: bool) -> dict[str, float]:
     t = net.cfg.train
     net.set_epoch(epoch)
     order = torch.randperm(ds.train_x.shape[0], generator=net.generator)
@@ -108,22 +97,30 @@ def train_epoch(net: FFNetwork, ds: Dataset, epoch: int, show: bool) -> dict[str
 
 
 def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = False,
-        build: Callable[[Config, Dataset, torch.device], Any] | None = None) -> dict[str, Any]:
+        build: Callable[[Config, Dataset, torch.device], Network] | None = None) -> dict[str, Any]:
     """Trains cfg, writing outputs to out_dir after every epoch; returns metrics.json.
 
-    `build` makes the model the loop drives: the in-process `FFNetwork` by default, or a
-    `Pipeline` over layer workers (fedff.pipeline), which offers the same methods.
+    `build` makes the network the loop drives: the in-process `FFNetwork` by default, or
+    a `Pipeline` over layer workers (fedff.pipeline); both are a `Network`. On resume the
+    checkpoint gives the shapes and learned state, `cfg` (the command line) every
+    hyperparameter.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    saved = None
+    if resume and (out_dir / CHECKPOINT).exists():
+        saved = files.load(out_dir / CHECKPOINT, keys=("network", "history"))
+        cfg, changed = config_resumed(cfg, saved["network"]["config"])
+        if changed:
+            warnings.warn(f"resuming {out_dir / CHECKPOINT}: the network's shape comes from "
+                          f"the checkpoint ({', '.join(changed)}), not the command line")
     ds = load_data(cfg)
     net = (build or build_network)(cfg, ds, device)
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
-    if resume and (out_dir / CHECKPOINT).exists():
-        saved = torch.load(out_dir / CHECKPOINT, weights_only=False)
+    if saved is not None:
         net.load_state_dict(saved["network"])
         history, train_seconds = saved["history"], saved["train_seconds"]
     epochs = cfg.train.epochs
@@ -145,9 +142,8 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
             outer.set_postfix(test_error=f"{100 * record['test_error']:.2f}%")
         history.append(record)
         net.epoch = epoch + 1
-        torch.save({"network": net.state_dict(), "history": history,
-                    "train_seconds": train_seconds}, out_dir / "checkpoint.pt.tmp")
-        (out_dir / "checkpoint.pt.tmp").replace(out_dir / CHECKPOINT)
+        files.save({"network": net.state_dict(), "history": history,
+                    "train_seconds": train_seconds}, out_dir / CHECKPOINT)
         summary = summarize(cfg, ds, device, history, train_seconds)
         write_json(out_dir / "metrics.json", summary)
         write_csv(out_dir / "metrics.csv", history)

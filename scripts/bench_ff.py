@@ -33,7 +33,7 @@ import torch
 from fedff import config
 from fedff.data.datasets import Dataset, load_dataset
 from fedff.data.idx import DataError
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.network import FFNetwork, InputSpec
 
 VARIANTS = {
     "ff-hard (3x1000)": [],

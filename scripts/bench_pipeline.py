@@ -32,7 +32,7 @@ import torch
 
 from fedff import config
 from fedff.data.datasets import Dataset, load_dataset
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.network import FFNetwork, InputSpec
 from fedff.pipeline.driver import Pipeline
 from fedff.pipeline.launcher import LocalChain
 from fedff.train import train_epoch
@@ -40,8 +40,8 @@ from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
 from fedff.wire.frames import CHUNK_BYTES, Assembler, Batch
 from fedff.wire.rpc import add_worker_to_server
-from fedff.worker.link import Link
-from fedff.worker.security import CHANNEL_OPTIONS, SERVER_OPTIONS
+from fedff.wire.link import Link
+from fedff.wire.security import CHANNEL_OPTIONS, SERVER_OPTIONS
 
 # -- (a) wire ---------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
     (["train", "--quiet", "--config", "mnist-ff-3x1000", "--data-dir", "/nonexistent"],
      "not found (looked in /nonexistent/mnist"),
     (["eval", "/nonexistent/checkpoint.pt"], "checkpoint /nonexistent/checkpoint.pt not found"),
+    (["eval", "/etc/passwd"], "/etc/passwd is not a fedff checkpoint"),
 ])
 def test_bad_input_is_one_line_naming_problem_and_fix(args, message, tmp_path, monkeypatch):
     monkeypatch.delenv("FEDFF_DATA_DIR", raising=False)
@@ -66,13 +67,26 @@ def test_bad_input_is_one_line_naming_problem_and_fix(args, message, tmp_path, m
     assert message in lines[0]
 
 
-def test_help_documents_every_option():
-    for command, options in {"train": ["--config", "--set", "--data-dir", "--out", "--device",
-                                       "--resume", "--threads"],
-                             "eval": ["--data-dir", "--device", "--out"]}.items():
-        text = run_cli(command, "--help").stdout
-        for option in options:
-            assert option in text
+def test_help_documents_every_option_of_every_subcommand():
+    """Every option of every subcommand has a help text and shows in `--help` (the
+    local launcher's private --exit-with-parent aside)."""
+    import argparse
+
+    from fedff.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"train", "simulate", "pipeline", "worker", "eval", "configs"}
+    for name, parser in commands.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            if action.help == argparse.SUPPRESS:
+                assert action.dest == "exit_with_parent", (name, action.dest)
+                continue
+            assert action.help, (name, action.option_strings)
+            assert action.option_strings[0] in text, (name, action.option_strings)
 
 
 def test_configs_lists_named_configs_and_keys(capsys):
@@ -80,3 +94,27 @@ def test_configs_lists_named_configs_and_keys(capsys):
     assert "mnist-ff-3x1000" in capsys.readouterr().out
     assert main(["configs", "--keys"]) == 0
     assert "train.epochs = 100" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", [[], ["pipeline", "--local", "2",
+                                        "--set", "train.negatives=random"]],
+                         ids=["in-process", "chain"])
+def test_resume_takes_shapes_from_the_checkpoint_and_hyperparameters_from_the_command_line(
+        tmp_path, where):
+    command = where[:3] if where else ["train"]
+    extra = where[3:]
+    out = ["--out", str(tmp_path / "run"), "--quiet", "--set", "optim.schedule=constant",
+           *extra]
+    assert main([*command, "--set", "train.epochs=1", "--set", "model.hidden=50,50",
+                 *out]) == 0
+    with pytest.warns(UserWarning, match="model.hidden=\\[50, 50\\]"):
+        assert main([*command, "--resume", "--set", "train.epochs=2", "--set",
+                     "model.hidden=9,9", "--set", "optim.lr=0.003", "--set",
+                     "optim.momentum=0.5", "--set", "head.lr=0.07", *out]) == 0
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["network"]
+    assert [layer["module"]["weight"].shape[0] for layer in saved["layers"]] == [50, 50]
+    for layer in saved["layers"]:
+        group = layer["optimizers"]["main"]["param_groups"][0]
+        assert (group["lr"], group["momentum"]) == (0.003, 0.5)
+        assert layer["config"]["optim"]["lr"] == 0.003
+    assert saved["head"]["optimizer"]["param_groups"][0]["lr"] == 0.07

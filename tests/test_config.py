@@ -23,6 +23,16 @@ def test_unknown_key_suggests_the_right_one():
         config.load(None, ["train.epoch=3"])
 
 
+@pytest.mark.parametrize("key,suggested", [("train.lr", "optim.lr"),
+                                           ("optim.lrr", "optim.lr"),
+                                           ("model.epochs", "train.epochs"),
+                                           ("head.peer_nrm", "model.peer_norm")])
+def test_unknown_key_suggestions_search_every_section(key, suggested):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}' \\(did you mean "
+                                          f"'{suggested}'"):
+        config.load(None, [f"{key}=3"])
+
+
 def test_unknown_section_in_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[trian]\nepochs = 3\n")

@@ -10,8 +10,8 @@ import torch
 
 from fedff import config
 from fedff.data.datasets import load_digits
-from fedff.ff.evaluate import evaluate
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.evaluate import evaluate
+from fedff.engine.network import FFNetwork, InputSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,7 +10,7 @@ from fedff.data.datasets import load_digits
 from fedff.federation.strategy import (LayerwiseFedAvg, Schedule, ServerOptimizer,
                                       aggregate_layers)
 from fedff.federation.task import load_network_arrays, network_arrays
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.network import FFNetwork, InputSpec
 
 DIGITS = load_digits()
 SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, DIGITS.num_classes)
@@ -51,7 +51,8 @@ def test_server_optimizer_steps_trained_layers_and_averages_running_statistics()
     plain = ServerOptimizer().step(current, mean, trained, 1)  # lr 1: FedAvg itself
     for k in trained:
         np.testing.assert_allclose(plain[k].numpy(), mean[k].numpy(), rtol=1e-6)
-    out = ServerOptimizer(lr=3.0).step(current, mean, trained, 1)
+    out = ServerOptimizer(lr=3.0, statistics=frozenset({"layer0.peer_mean"})).step(
+        current, mean, trained, 1)
     for k in ("layer0.weight", "layer0.bias"):
         delta = mean[k].numpy() - current[k].numpy()
         np.testing.assert_allclose(out[k].numpy(), current[k].numpy() + 3 * delta, rtol=1e-5)

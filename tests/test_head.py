@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fedff.config import HeadConfig
-from fedff.ff.head import LinearHead
+from fedff.engine.head import LinearHead
 
 
 def test_head_update_equals_autograd_of_cross_entropy():

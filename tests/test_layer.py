@@ -2,9 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedff.config import OptimConfig
+from fedff.layers.contract import OptimConfig
 from fedff.ff.objectives import rms_normalize
-from fedff.ff.layer import FFLayer, LayerBatch, LayerConfig, ShapeError
+from fedff.errors import ShapeError
+from fedff.ff.layer import FFLayer
+from fedff.layers.contract import LayerBatch, LayerConfig
 
 
 def make_layer(**kw) -> FFLayer:

@@ -3,10 +3,11 @@ import torch
 
 from fedff import config
 from fedff.data.datasets import load_digits
-from fedff.ff.evaluate import evaluate
-from fedff.ff.layer import FFLayer, ShapeError
-from fedff.ff.block import Packet
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.evaluate import evaluate
+from fedff.errors import ShapeError
+from fedff.ff.layer import FFLayer
+from fedff.engine.block import Packet
+from fedff.engine.network import FFNetwork, InputSpec
 
 DIGITS = load_digits()
 SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, 10)

@@ -18,7 +18,7 @@ import torch
 
 from fedff import config
 from fedff.data.datasets import load_digits
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.network import FFNetwork, InputSpec
 from fedff.pipeline.driver import Pipeline, split_layers
 from fedff.pipeline.launcher import LocalChain
 from fedff.train import run, train_epoch
@@ -26,10 +26,10 @@ from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
 from fedff.wire.frames import Batch, encode
 from fedff.wire.rpc import train_method
-from fedff.worker.link import Link, PeerError
-from fedff.worker.security import Security
+from fedff.wire.link import Link, PeerError
+from fedff.wire.security import Security
 from fedff.worker.server import WorkerServer
-from fedff.worker.servicer import WorkerOptions
+from fedff.worker.options import WorkerOptions
 
 DIGITS = load_digits()
 SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, DIGITS.num_classes)
@@ -77,8 +77,9 @@ def assert_same_network(a: dict, b: dict) -> None:
         assert la["steps"] == lb["steps"]  # every batch trained exactly once
         for k in la["module"]:
             assert torch.equal(la["module"][k], lb["module"][k]), k
-        if "peer_mean" in la:  # FF layers (UFF cells keep no running statistic)
-            assert torch.equal(la["peer_mean"], lb["peer_mean"])
+        assert la["buffers"].keys() == lb["buffers"].keys()  # FF layers: the peer mean
+        for k in la["buffers"]:
+            assert torch.equal(la["buffers"][k], lb["buffers"][k]), k
     assert torch.equal(a["head"]["linear"]["weight"], b["head"]["linear"]["weight"])
 
 
@@ -393,7 +394,7 @@ def test_forward_and_state_rpcs(tmp_path):
     """Forward is inference on the worker's block; GetState/SetState move its full state."""
     from fedff.wire.frames import Assembler
     from fedff.wire.rpc import forward_method
-    from fedff.worker.servicer import state_chunks
+    from fedff.wire.state import state_chunks
 
     server = serve(tmp_path)
     try:

@@ -9,11 +9,15 @@ import torch
 from fedff import config
 from fedff.data.datasets import load_digits
 from fedff.federation.task import client_data, client_train, initial_arrays, spec_of
-from fedff.ff.layer import LayerBatch, ShapeError
-from fedff.ff.network import UNLABELLED, FFNetwork, InputSpec
+from fedff.errors import ShapeError
+from fedff.layers.contract import LayerBatch
+from fedff.engine.network import UNLABELLED, FFNetwork, InputSpec
 from fedff.train import train_epoch
-from fedff.uff.cells import CELLS
+from fedff.layers.registry import KINDS
+from fedff.uff.cells import Cell
 from fedff.uff.probe import probe_metrics
+
+CELLS = [k for k, cls in KINDS.items() if issubclass(cls, Cell)]
 
 DIGITS = load_digits()
 SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, DIGITS.num_classes)

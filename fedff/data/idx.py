@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedff.errors import FedffError
 
-class DataError(RuntimeError):
+
+class DataError(FedffError, RuntimeError):
     """A missing, corrupt or unreadable dataset; the message says what to do."""
 
 

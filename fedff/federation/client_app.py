@@ -51,7 +51,7 @@ def _pipeline_builder(addresses: list[str], node: dict[str, Any]):
     (`worker-tls-ca`, `worker-tls-cert`, `worker-tls-key`, `worker-mtls`) and token
     (`worker-token-file`), the same settings as `fedff pipeline`'s flags."""
     from fedff.pipeline.driver import Pipeline
-    from fedff.worker.security import Security
+    from fedff.wire.security import Security
 
     def get(key: str) -> str | None:
         return str(node[key]) if node.get(key) else None

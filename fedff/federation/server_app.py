@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
@@ -24,10 +23,13 @@ from fedff.config import Config
 from fedff.federation.client_app import config_from_run
 from fedff.federation.strategy import LayerwiseFedAvg, Schedule, ServerOptimizer
 from fedff.federation.task import (error_metrics, federated, initial_arrays,
-                                   load_network_arrays, network_arrays, spec_of)
-from fedff.ff.network import FFNetwork
+                                   load_network_arrays, network_arrays, spec_of,
+                                   statistic_keys)
+from fedff.engine.network import FFNetwork
 from fedff.report import plot_learning_curve, write_csv, write_json
-from fedff.train import CHECKPOINT, load_data, peak_rss_mb, test_metrics
+from fedff import files
+from fedff.memory import peak_rss_mb
+from fedff.train import CHECKPOINT, load_data, test_metrics
 
 logger = logging.getLogger("fedff.federation")
 
@@ -36,7 +38,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
     path = out_dir / CHECKPOINT
     if not path.exists():
         return None
-    saved = torch.load(path, weights_only=False)
+    saved = files.load(path, "federation checkpoint", keys=("network",))
     if "federation" not in saved:
         raise FileExistsError(f"{path} is not a federation checkpoint; give another --out "
                               f"or remove it")
@@ -66,7 +68,8 @@ class Coordinator:
         self.strategy = LayerwiseFedAvg(
             Schedule(f.schedule, len(self.cfg.model.hidden), f.rounds_per_layer),
             connect_timeout=f.connect_timeout, round_offset=self.done,
-            server=ServerOptimizer(f.server_lr, f.server_momentum, f.server_warmup),
+            server=ServerOptimizer(f.server_lr, f.server_momentum, f.server_warmup,
+                                   statistics=statistic_keys(self.net.state_dict())),
             fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate,
             min_train_nodes=f.min_clients, min_available_nodes=f.min_clients,
             min_evaluate_nodes=min(f.min_clients, 1) if f.fraction_evaluate else 0)
@@ -115,12 +118,11 @@ class Coordinator:
 
     def save(self) -> None:
         self.net.epoch = self.done * self.cfg.federation.local_epochs
-        tmp = self.out_dir / (CHECKPOINT + ".tmp")
-        torch.save({"network": self.net.state_dict(), "history": self.history,
+        files.save({"network": self.net.state_dict(), "history": self.history,
                     "train_seconds": sum(r["round_seconds"] for r in self.history),
                     "federation": {"round": self.done,
-                                   "server_velocity": self.strategy.server.velocity}}, tmp)
-        tmp.replace(self.out_dir / CHECKPOINT)
+                                   "server_velocity": self.strategy.server.velocity}},
+                   self.out_dir / CHECKPOINT)
         write_json(self.out_dir / "metrics.json", self.summary())
         write_csv(self.out_dir / "metrics.csv", self.history)
         reported = "error_goodness" if self.cfg.train.classify == "goodness" else "error_head"

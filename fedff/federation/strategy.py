@@ -47,9 +47,6 @@ def aggregate_layers(current: ArrayRecord, contents: list[RecordDict],
     return ArrayRecord(out)
 
 
-RUNNING_STATISTICS = ("peer_mean",)  # averaged as they are, never stepped
-
-
 @dataclass
 class ServerOptimizer:
     """The coordinator's step on the clients' mean (server learning rate and momentum,
@@ -63,13 +60,15 @@ class ServerOptimizer:
     not work: with 10 clients, lr 5 and 10 (2 warm-up rounds) diverged at round 3 (85 % and
     81 % test error), as a 10x client lr did in round 1. It stays for other settings
     (server momentum is the usual help under label skew).
-    Running statistics (peer-normalisation means) take the mean as it is.
+    Running statistics (the layers' buffers, e.g. peer-normalisation means; keys from
+    `task.statistic_keys`) take the mean as it is.
     """
 
     lr: float = 1.0
     momentum: float = 0.0
     warmup: int = 0  # rounds over which lr rises linearly from 1
     velocity: dict[str, np.ndarray] = field(default_factory=dict)
+    statistics: frozenset[str] = frozenset()  # averaged as they are, never stepped
 
     def lr_at(self, server_round: int) -> float:
         if self.warmup <= 0:
@@ -83,7 +82,7 @@ class ServerOptimizer:
         out = {key: current[key] for key in current}
         for key in keys:
             target = mean[key].numpy()
-            if key not in current or key.rsplit(".", 1)[-1] in RUNNING_STATISTICS:
+            if key not in current or key in self.statistics:
                 out[key] = mean[key]
                 continue
             now = current[key].numpy()

@@ -1,10 +1,11 @@
 """What one data owner does in a round, and what travels between it and the coordinator.
 
-Arrays travel under the keys `layer{i}.weight`, `layer{i}.bias`, `layer{i}.peer_mean` and
-`head.weight`, so the coordinator can average each layer on its own (strategy.py). The
-peer-normalisation mean is a running statistic of the layer's activity; it is averaged
-like the weights, as FedAvg does with batch-norm statistics. Optimiser state stays with
-the client and starts afresh every round (plain FedAvg).
+Arrays travel under `layer<i>.<key>` and `head.<key>`, where each layer kind names its
+own keys and what is federated (`Layer.federated_arrays`: its module's tensors and
+running statistics, e.g. an FF layer's peer-normalisation mean, averaged like the weights
+as FedAvg does with batch-norm statistics), so the coordinator can average each layer
+on its own (strategy.py). Optimiser state stays with the client and starts afresh every
+round (plain FedAvg).
 
 They are read from and written into the network state dict, which the in-process
 `FFNetwork` and a `Pipeline` over the client's own layer workers share: one client code
@@ -25,12 +26,13 @@ from flwr.app import Array, ArrayRecord
 from fedff.config import Config, ConfigError
 from fedff.data.datasets import Dataset
 from fedff.federation.partitions import partition_indices
-from fedff.ff.evaluate import evaluate
-from fedff.ff.network import UNLABELLED, FFNetwork, InputSpec
+from fedff.engine.evaluate import evaluate
+from fedff.engine.head import LinearHead
+from fedff.engine.network import UNLABELLED, FFNetwork, InputSpec, Network
+from fedff.errors import ShapeError
+from fedff.layers import registry
+from fedff.layers.contract import Layer
 from fedff.train import Progress, load_data, train_epoch
-
-HEAD_KEY = "head.weight"
-
 
 def federated(cfg: Config) -> Config:
     """The config a client trains with: the lr schedule spans the whole federation."""
@@ -46,54 +48,60 @@ def spec_of(ds: Dataset) -> InputSpec:
 # -- arrays <-> network state -----------------------------------------------------------
 def state_arrays(state: dict[str, Any], layers: list[int] | None = None,
                  head: bool = True) -> ArrayRecord:
-    """The chosen layers' (default: all) and the head's parameters from a network state."""
+    """The chosen layers' (default: all) and the head's federated arrays from a network
+    state, under `layer<i>.<key>` and `head.<key>` with the keys each layer kind names."""
     chosen = range(len(state["layers"])) if layers is None else layers
-    arrays: dict[str, Array] = {}
-    for i in chosen:
-        layer = state["layers"][i]
-        for name, value in layer["module"].items():
-            arrays[f"layer{i}.{name}"] = Array(value.detach().cpu().numpy().copy())
-        if "peer_mean" in layer:  # FF layers' running statistic (cells have none)
-            arrays[f"layer{i}.peer_mean"] = Array(layer["peer_mean"].cpu().numpy().copy())
+    parts = {f"layer{i}": _kind(state["layers"][i]).federated_arrays(state["layers"][i])
+             for i in chosen}
     if head:
-        arrays[HEAD_KEY] = Array(state["head"]["linear"]["weight"].cpu().numpy().copy())
-    return ArrayRecord(arrays)
+        parts["head"] = LinearHead.federated_arrays(state["head"])
+    return ArrayRecord({f"{prefix}.{key}": Array(value.detach().cpu().numpy().copy())
+                        for prefix, arrays in parts.items() for key, value in arrays.items()})
 
 
 def with_arrays(state: dict[str, Any], record: ArrayRecord) -> dict[str, Any]:
     """A copy of `state` with every array the record carries; the rest as it was."""
-    state = copy.copy(state)
-    state["layers"] = [copy.deepcopy(layer) for layer in state["layers"]]
-    state["head"] = copy.deepcopy(state["head"])
     n = len(state["layers"])
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key in record:
-        value = torch.from_numpy(np.array(record[key].numpy()))
         prefix, _, name = key.partition(".")
-        if key == HEAD_KEY:
-            target, name = state["head"]["linear"], "weight"
-        elif prefix.startswith("layer") and prefix[5:].isdigit():
-            i = int(prefix[5:])
-            if not 0 <= i < n:
-                raise KeyError(f"array for layer {i}, but the network has {n} layers")
-            layer = state["layers"][i]
-            target = layer if name == "peer_mean" else layer["module"]
-        else:
-            raise KeyError(f"unexpected array '{key}'; expected layer<i>.weight/bias/"
-                           f"peer_mean or head.weight")
-        if name not in target or target[name].shape != value.shape:
-            have = tuple(target[name].shape) if name in target else "nothing"
-            raise KeyError(f"array '{key}' has shape {tuple(value.shape)}, the network has "
-                           f"{have}; client and coordinator must use the same model config")
-        target[name] = value
+        i = prefix[5:]
+        if prefix != "head" and not (prefix.startswith("layer") and i.isdigit()):
+            raise KeyError(f"unexpected array '{key}'; expected layer<i>.<key> or head.<key>")
+        if prefix != "head" and not 0 <= int(i) < n:
+            raise KeyError(f"array for layer {i}, but the network has {n} layers")
+        grouped.setdefault(prefix, {})[name] = torch.from_numpy(np.array(record[key].numpy()))
+    state = {**state, "layers": list(state["layers"])}
+    try:
+        for prefix, arrays in grouped.items():
+            if prefix == "head":
+                state["head"] = LinearHead.with_federated_arrays(state["head"], arrays)
+            else:
+                i = int(prefix[5:])
+                layer = state["layers"][i]
+                state["layers"][i] = _kind(layer).with_federated_arrays(layer, arrays)
+    except ShapeError as e:
+        raise KeyError(f"{prefix}: {e}") from e
     return state
 
 
-def network_arrays(net: Any, layers: list[int] | None = None, head: bool = True
+def statistic_keys(state: dict[str, Any]) -> frozenset[str]:
+    """The federated arrays that are running statistics (each layer's buffers): the
+    coordinator takes their mean as it is, never a server step."""
+    return frozenset(f"layer{i}.{key}" for i, layer in enumerate(state["layers"])
+                     for key in layer["buffers"])
+
+
+def _kind(layer_state: dict[str, Any]) -> type[Layer]:
+    return registry.layer_class(layer_state["kind"])
+
+
+def network_arrays(net: Network, layers: list[int] | None = None, head: bool = True
                    ) -> ArrayRecord:
     return state_arrays(net.state_dict(), layers, head)
 
 
-def load_network_arrays(net: Any, record: ArrayRecord) -> None:
+def load_network_arrays(net: Network, record: ArrayRecord) -> None:
     """Loads every key the record carries; layers it does not mention stay as they are."""
     net.load_state_dict(with_arrays(net.state_dict(), record))
 
@@ -144,7 +152,7 @@ def _full_data(cfg: Config) -> Dataset:
 
 
 # -- a round on one client --------------------------------------------------------------
-def train_round(net: Any, ds: Dataset, server_round: int, local_epochs: int
+def train_round(net: Network, ds: Dataset, server_round: int, local_epochs: int
                 ) -> dict[str, float]:
     """`local_epochs` epochs on the client's rows; epochs count on from earlier rounds so
     each layer's lr schedule runs over the whole federation."""
@@ -177,8 +185,7 @@ def client_train(cfg: Config, ds: Dataset, global_arrays: ArrayRecord, server_ro
         metrics = train_round(net, ds, server_round, cfg.federation.local_epochs)
         arrays = network_arrays(net, layers=train_layers, head=True)
     finally:
-        if hasattr(net, "close"):
-            net.close()
+        net.close()
     ended = time.time()
     metrics = {k.replace("/", "."): float(v) for k, v in metrics.items()}
     metrics.update({"num-examples": int(ds.train_x.shape[0]), "train-start": started,

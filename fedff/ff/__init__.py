@@ -1,7 +1,6 @@
-"""The Forward-Forward engine: layers, objectives, negative data, the in-process network."""
+"""Forward-Forward (Hinton 2022; Collaborative FF): the goodness layer, its objectives and
+the negative data it learns from."""
 
-from fedff.ff.layer import FFLayer, Layer, LayerBatch, LayerConfig, LayerResult, ShapeError
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.ff.layer import FFLayer
 
-__all__ = ["FFLayer", "FFNetwork", "InputSpec", "Layer", "LayerBatch", "LayerConfig",
-           "LayerResult", "ShapeError"]
+__all__ = ["FFLayer"]

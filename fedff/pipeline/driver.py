@@ -1,8 +1,8 @@
 """The driver: streams a dataset into a chain of layer workers and runs the epochs.
 
-`Pipeline` looks to the training loop (`fedff.train.run`) and to `evaluate` exactly like
-the in-process `FFNetwork`: `train_batch`, `set_epoch`, `label_scores`, `head_logits`,
-`state_dict`. The difference is that `train_batch` returns as soon as the batch is on its
+`Pipeline` implements the same `Network` protocol (fedff/engine/network.py) as the
+in-process `FFNetwork`, so the training loop, `evaluate` and a federation client drive
+either. The difference is that `train_batch` returns as soon as the batch is on its
 way; the chain trains up to `window` batches at once, one per worker, and the metrics
 arrive with the acks. Its `state_dict()` gathers every worker's layers into the
 in-process checkpoint format, so `fedff eval` scores a pipeline run as it is.
@@ -10,7 +10,6 @@ in-process checkpoint format, so `fedff eval` scores a pipeline run as it is.
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -22,16 +21,16 @@ import grpc
 import torch
 
 from fedff.config import Config, ConfigError
+from fedff.engine.network import (FFNetwork, InputSpec, check_batch, goodness_layers,
+                                  label_overlays, training_rows, wrong_labels)
+from fedff.errors import ShapeError
 from fedff.ff import negatives as neg
-from fedff.ff.layer import ShapeError
-from fedff.ff.network import (InputSpec, check_batch, goodness_layers, label_overlays,
-                              training_rows, wrong_labels)
 from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
 from fedff.wire.frames import Batch, decode_feedback
-from fedff.worker.link import Link, PeerError
-from fedff.worker.security import Security
-from fedff.worker.servicer import state_chunks
+from fedff.wire.link import Link, PeerError
+from fedff.wire.security import Security
+from fedff.wire.state import read_state, state_chunks
 
 CONTROL_TIMEOUT = 60.0
 
@@ -66,7 +65,6 @@ class Pipeline:
         self.cfg, self.spec, self.addresses, self.security = cfg, spec, addresses, security
         self.device = torch.device("cpu")
         self.supervised = cfg.train.algorithm == "supervised"
-        self.layers = list(range(len(cfg.model.hidden)))  # evaluate() counts them
         self.blocks = split_layers(len(cfg.model.hidden), len(addresses))
         self.window, self.give_up_after = window, give_up_after
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -86,6 +84,10 @@ class Pipeline:
                     for i in reversed(range(len(addresses)))]
         self.batch_id = max(int(s.trained_through) for s in statuses)
         self.link = self._new_link()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.cfg.model.hidden)
 
     # -- setup -------------------------------------------------------------------------
     def _setup(self, i: int) -> dict[str, Any]:
@@ -182,7 +184,7 @@ class Pipeline:
     def label_scores(self, x: torch.Tensor) -> torch.Tensor:
         rows = label_overlays(self.cfg, self.spec.num_classes, x)
         scores = self._infer(rows, head=False)["scores"]
-        return scores.view(len(self.layers), x.shape[0], self.spec.num_classes)
+        return scores.view(self.num_layers, x.shape[0], self.spec.num_classes)
 
     @torch.no_grad()
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,14 +195,19 @@ class Pipeline:
     def goodness_layers(self) -> list[int]:
         return goodness_layers(self.cfg)
 
+    def in_process(self) -> FFNetwork:
+        """The chain's layers gathered into one process (for the probes)."""
+        local = FFNetwork(self.cfg, self.spec)
+        local.load_state_dict(self.state_dict())
+        return local
+
     # -- state -------------------------------------------------------------------------
     def _get_state(self, i: int) -> dict[str, Any]:
         try:
-            data = b"".join(c.data for c in self._stubs[i].GetState(
+            return read_state(self._stubs[i].GetState(
                 pb.StateRequest(), timeout=CONTROL_TIMEOUT, metadata=self.security.metadata()))
         except grpc.RpcError as e:
             raise PeerError(f"worker {self.addresses[i]}: {e.code().name}: {e.details()}") from e
-        return torch.load(io.BytesIO(data), weights_only=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The whole network in the in-process checkpoint format (plus the chain's place)."""
@@ -213,9 +220,9 @@ class Pipeline:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Pushes a network state (from a pipeline or an in-process run) into the chain."""
-        if len(state["layers"]) != len(self.layers):
+        if len(state["layers"]) != self.num_layers:
             raise ShapeError(f"checkpoint has {len(state['layers'])} layers, the chain has "
-                             f"{len(self.layers)}")
+                             f"{self.num_layers}")
         self.link.close()
         for i, (first, last) in enumerate(self.blocks):
             worker_state = {"setup": self.setups[i], "epoch": int(state["epoch"]),

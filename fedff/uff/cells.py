@@ -1,6 +1,6 @@
 """Unsupervised Forward-Forward (UFF) cells: layers that learn with an ordinary loss.
 
-A cell is a layer in the engine's sense (fedff/ff/layer.py's `Layer` contract): it owns
+A cell is a layer in the engine's sense (fedff/layers/contract.py's `Layer`): it owns
 its module, loss, optimiser (AdamW, as in the UFF paper) and schedule, trains on one
 batch, and passes its detached latent code on, so it runs unchanged in one process, in a
 layer worker and in a federation client. What the next cell receives is the latent:
@@ -16,23 +16,22 @@ layer worker and in a federation client. What the next cell receives is the late
 
 A batch may carry FF's [positives; negatives] rows (when an FF-goodness cell sits in the
 same stack): cells learn from the first `n_pos` rows only and encode every row, so the
-cells above see both. A cell's score is the negated per-sample loss (for metrics).
+cells above see both. A cell exchanges no score (it is 0) and takes no feedback.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedff.ff.layer import (STATE_FORMAT, LayerBatch, LayerConfig, LayerResult, ShapeError,
-                            lr_factor, saved_config, snapshot)
+from fedff.errors import ShapeError
+from fedff.layers.contract import Layer, LayerBatch, LayerConfig, LayerResult, Pending
 
-CELL_KINDS = ("ae", "dae", "conv-ae", "conv-dae", "gan")
 GAN_NOISE = 64
 
 
@@ -105,36 +104,34 @@ class _GAN(nn.Module):
         return self.logit(self.encode(x)).squeeze(1)
 
 
-class Cell:
-    """The common part of every cell: optimiser, schedule, state, the forward contract."""
+class Cell(Layer):
+    """What every cell adds to the contract: seeded init under a forked RNG, AdamW, a
+    noise generator that travels with the state, and a step that learns on the real
+    rows, then encodes every row."""
 
     def __init__(self, config: LayerConfig, device: str | torch.device = "cpu"):
-        self.config = config
-        self.device = torch.device(device)
-        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG untouched
-            torch.manual_seed(config.seed)
-            self.module = self._build().to(self.device)
+        super().__init__(config, device)
         self.generator = torch.Generator().manual_seed(config.seed + 7919)
-        self.optimizers = self._optimizers()
-        self.epoch = 0
-        self.steps = 0
+
+    def build_module(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG untouched
+            torch.manual_seed(self.config.seed)
+            return self._build()
 
     def _build(self) -> nn.Module:
         raise NotImplementedError
 
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        o = self.config.optim
-        return {"main": torch.optim.AdamW(self.module.parameters(), lr=o.lr,
-                                          weight_decay=o.weight_decay)}
+    def hyper(self, name: str) -> dict[str, Any]:
+        return {"lr": self.config.optim.lr, "weight_decay": self.config.optim.weight_decay}
 
-    def check_input(self, x: torch.Tensor, what: str = "input") -> None:
-        if x.dim() != 2 or x.shape[1] != self.config.in_features:
-            raise ShapeError(f"cell expects {what} of shape [batch, {self.config.in_features}], "
-                             f"got {list(x.shape)}; the previous cell (or the dataset) must "
-                             f"produce {self.config.in_features} features")
-        if not x.is_floating_point() or x.shape[0] == 0:
-            raise ShapeError(f"cell expects a non-empty floating-point batch, got "
-                             f"{x.dtype} with {x.shape[0]} rows")
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"main": torch.optim.AdamW(self.module.parameters(), **self.hyper("main"))}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
     # -- inference -------------------------------------------------------------------
     @torch.no_grad()
@@ -147,23 +144,19 @@ class Cell:
         out = self.forward(x)
         return out, torch.zeros(x.shape[0], device=self.device)
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_score(x)[1]
-
     # -- training --------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        factor = lr_factor(self.config.optim.schedule, epoch, self.config.epochs)
-        for opt in self.optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = self.config.optim.lr * factor
+    def begin(self, batch: LayerBatch) -> Pending:
+        """Nothing to do before the update: a cell's output is its post-update code."""
+        self.check_batch(batch)
+        return _CellPending(n_pos=batch.n_pos, x=batch.x.detach().to(self.device))
 
-    def train_step(self, batch: LayerBatch) -> LayerResult:
-        self.check_input(batch.x)
-        if not 0 < batch.n_pos <= batch.x.shape[0]:
-            raise ShapeError(f"n_pos must be in 1..{batch.x.shape[0]}, got {batch.n_pos}")
-        x = batch.x.detach().to(self.device)
-        metrics = {} if self.config.frozen else self._learn(x[:batch.n_pos])
+    def finish(self, pending: Pending, feedback: torch.Tensor | None = None) -> LayerResult:
+        if feedback is not None:
+            raise ShapeError("UFF cells take no feedback signal; set model.collaboration = "
+                             "'none' for UFF cells")
+        assert isinstance(pending, _CellPending)
+        x = pending.x
+        metrics = {} if self.config.frozen else self._learn(x[:pending.n_pos])
         if not self.config.frozen:
             self.steps += 1
         out = self.forward(x)
@@ -173,37 +166,10 @@ class Cell:
     def _learn(self, x: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
 
-    # Collaborative FF's split step does not apply to cells; the block calls train_step.
-    def begin(self, batch: LayerBatch):
-        raise ShapeError("collaborative FF (model.collaboration) needs FF-goodness layers; "
-                         "set model.collaboration = 'none' for UFF cells")
 
-    # -- state -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "type": type(self).__name__,
-                "config": dataclasses.asdict(self.config),
-                "module": snapshot(self.module.state_dict()),
-                "optimizer": {k: snapshot(o.state_dict()) for k, o in self.optimizers.items()},
-                "generator": self.generator.get_state(),
-                "epoch": self.epoch, "steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("type") != type(self).__name__:
-            raise ValueError(f"state of a {state.get('type')!r} cannot load into a "
-                             f"{type(self).__name__}")
-        self.config = saved_config(state, self.config, "cell")
-        self.module.load_state_dict(state["module"])
-        for k, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizer"][k])
-        self.generator.set_state(state["generator"])
-        self.steps = int(state["steps"])
-        self.set_epoch(int(state["epoch"]))
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.module.state_dict().items()}
-
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(weights)
+@dataclass
+class _CellPending(Pending):
+    x: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 class AutoencoderCell(Cell):
@@ -229,27 +195,45 @@ class DenoisingAutoencoderCell(AutoencoderCell):
         return x * keep.to(x.device, x.dtype)
 
 
-class ConvAutoencoderCell(AutoencoderCell):
+class _ConvCell(Cell):
+    """A 3x3 stride-2 convolution cell: reads an image, passes a feature map on."""
+
+    image_input = True
+
+    @classmethod
+    def shape(cls, in_features: int, in_shape: tuple[int, ...] | None, width: int
+              ) -> tuple[list[int], tuple[int, ...] | None, int]:
+        shape = in_shape or image_shape(in_features)
+        out = conv_out_shape(shape, width)  # type: ignore[arg-type]
+        return list(shape), out, out[0] * out[1] * out[2]
+
     def _build(self) -> nn.Module:
         return _ConvAutoencoder(self.config)
 
 
-class ConvDenoisingAutoencoderCell(DenoisingAutoencoderCell):
-    def _build(self) -> nn.Module:
-        return _ConvAutoencoder(self.config)
+class ConvAutoencoderCell(_ConvCell, AutoencoderCell):
+    pass
+
+
+class ConvDenoisingAutoencoderCell(_ConvCell, DenoisingAutoencoderCell):
+    pass
 
 
 class GANCell(Cell):
     def _build(self) -> nn.Module:
         return _GAN(self.config)
 
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        o, m = self.config.optim, self.module
+    def hyper(self, name: str) -> dict[str, Any]:
+        o = self.config.optim
+        return {"lr": o.lr, "betas": (0.5, 0.999),
+                "weight_decay": o.weight_decay if name == "main" else 0.0}
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        m = self.module
         d_params = [*m.features.parameters(), *m.norm.parameters(), *m.logit.parameters()]
-        return {"main": torch.optim.AdamW(d_params, lr=o.lr, betas=(0.5, 0.999),
-                                          weight_decay=o.weight_decay),
-                "generator": torch.optim.AdamW(m.generator.parameters(), lr=o.lr,
-                                               betas=(0.5, 0.999), weight_decay=0.0)}
+        return {"main": torch.optim.AdamW(d_params, **self.hyper("main")),
+                "generator": torch.optim.AdamW(m.generator.parameters(),
+                                               **self.hyper("generator"))}
 
     def _learn(self, x: torch.Tensor) -> dict[str, float]:
         m, n = self.module, x.shape[0]
@@ -267,8 +251,3 @@ class GANCell(Cell):
             g_loss.backward()
         self.optimizers["generator"].step()
         return {"loss": float(d_loss.detach()), "generator_loss": float(g_loss.detach())}
-
-
-CELLS: dict[str, type[Cell]] = {"ae": AutoencoderCell, "dae": DenoisingAutoencoderCell,
-                                "conv-ae": ConvAutoencoderCell,
-                                "conv-dae": ConvDenoisingAutoencoderCell, "gan": GANCell}

@@ -13,15 +13,13 @@ state, and the probe runs on an in-process copy, where the labels are.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedff.config import ProbeConfig
 from fedff.data.datasets import Dataset
-from fedff.ff.network import FFNetwork, InputSpec
+from fedff.engine.network import FFNetwork, Network
 
 
 @torch.no_grad()
@@ -68,12 +66,9 @@ def knn_error(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor,
     return wrong / test.shape[0]
 
 
-def probe_metrics(net: Any, ds: Dataset, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
+def probe_metrics(net: Network, ds: Dataset, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
     """Linear (and MLP) probe and k-NN test errors on the latents of `net`."""
-    if not isinstance(net, FFNetwork):  # a worker chain: probe a local copy of its state
-        local = FFNetwork(net.cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes))
-        local.load_state_dict(net.state_dict())
-        net = local
+    net = net.in_process()  # a worker chain: a local copy of its state
     layers = cfg.layers or list(range(len(net.layers)))
     n = cfg.examples or ds.train_x.shape[0]
     train_x, train_y = ds.train_x[:n], ds.train_y[:n]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedff.errors import FedffError
 from fedff.v1 import worker_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
@@ -26,7 +27,7 @@ CHUNK_BYTES = 2 * 2**20
 MAX_BATCH_BYTES = 512 * 2**20
 
 
-class WireError(ValueError):
+class WireError(FedffError, ValueError):
     """A malformed message; the text says what is wrong and what the sender must fix."""
 
 

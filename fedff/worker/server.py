@@ -1,8 +1,9 @@
 """Serving a worker: the gRPC server, health checks, credentials, signals.
 
-`fedff worker --listen HOST:PORT` runs `serve`. Port 0 picks a free port; the chosen
-address is printed and, with --ready-file, written to a file, which is how the local
-launcher learns where each worker listens.
+`fedff worker --listen HOST:PORT` runs a `WorkerServer` until SIGTERM, SIGINT or a
+SHUTDOWN command. Port 0 picks a free port; the chosen address is printed and, with
+--ready-file, written to a file, which is how the local launcher learns where each
+worker listens.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedff import files
 from fedff.wire.rpc import SERVICE, add_worker_to_server
-from fedff.worker.security import SERVER_OPTIONS, Security, TokenInterceptor
-from fedff.worker.servicer import LayerWorkerServicer, WorkerOptions
+from fedff.wire.security import SERVER_OPTIONS, Security, TokenInterceptor
+from fedff.worker.options import WorkerOptions
+from fedff.worker.servicer import LayerWorkerServicer
 
 log = logging.getLogger("fedff.worker")
 
@@ -58,9 +61,7 @@ class WorkerServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s listening on %s", self.servicer.opt.name, self.address)
         if ready_file is not None:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(self.address + "\n")
-            tmp.replace(ready_file)
+            files.write_text(ready_file, self.address + "\n")
         return self
 
     def _stop_soon(self) -> None:

@@ -1,11 +1,13 @@
-"""A worker's block of several layers run as a pipeline of threads, one per layer.
+"""How a worker runs its block on a batch: one path, in stages.
 
-A worker that holds layers 0 and 1 would otherwise use one core while its neighbour,
-holding a single layer, waits on it half the time. With a thread per layer, layer 0
-works on batch b while layer 1 works on batch b-1; each layer still sees its batches in
-order and the same inputs, so the weights are those of one thread (tests check it).
-torch releases the GIL inside its kernels, so the threads run on separate cores.
-Collaborative FF over all layers is not staged (its updates wait for all the scores).
+A stage is a run of consecutive layers. A block of one layer, or one under Collaborative
+FF over all layers (whose updates wait for every score), is a single stage run inline on
+the thread that received the batch. A block of several layers runs one thread per layer:
+a worker holding layers 0 and 1 would otherwise use one core while its neighbour, holding
+a single layer, waits on it half the time. With a thread per layer, layer 0 works on
+batch b while layer 1 works on batch b-1; each layer still sees its batches in order and
+the same inputs, so the weights are those of one thread (tests check it). torch releases
+the GIL inside its kernels, so the threads run on separate cores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedff.ff.block import LayerBlock, Packet
+from fedff.engine.block import BlockPending, LayerBlock, Packet
 from fedff.v1 import worker_pb2 as pb
 from fedff.wire.frames import Batch
 
@@ -29,6 +31,7 @@ log = logging.getLogger("fedff.worker")
 class Job:
     batch: Batch
     packet: Packet | None = None  # TRAIN
+    pending: BlockPending | None = None  # TRAIN under CFF over all layers
     x: torch.Tensor | None = None  # EVAL
     taps: dict[int, torch.Tensor] | None = None  # EVAL with the head
     metrics: dict[str, float] = field(default_factory=dict)
@@ -36,7 +39,54 @@ class Job:
     snapshots: list[dict[str, Any]] | None = None  # each layer's state, when due
 
 
+@torch.no_grad()
+def run_stage(block: LayerBlock, layers: range, job: Job) -> None:
+    """Layers `layers` of the block on one job; snapshots each layer's state when due."""
+    kind = job.batch.kind
+    if kind == pb.TRAIN:
+        assert job.packet is not None
+        for j in layers:
+            if block.layers[j].epoch != job.batch.epoch:
+                block.layers[j].set_epoch(job.batch.epoch)
+        if block.mode == "all":  # the whole block: updates wait for the later scores
+            job.packet, job.pending, metrics = block.train(job.packet)
+            job.metrics.update(metrics)
+        for j in layers if block.mode != "all" else ():
+            job.packet, metrics = block.train_layer(j, job.packet)
+            job.metrics.update(metrics)
+    elif kind == pb.EVAL:
+        assert job.x is not None
+        for j in layers:
+            job.x, score = block.infer_layer(j, job.x, job.taps)
+            job.scores.append(score)
+    if job.snapshots is not None:
+        job.snapshots.extend(block.layers[j].state_dict() for j in layers)
+
+
+class Inline:
+    """The whole block as one stage, on the caller's thread: `run` returns when done."""
+
+    takes_snapshots = False  # the live state is the state at this batch
+
+    def __init__(self, block: LayerBlock):
+        self.block = block
+
+    def run(self, job: Job) -> bool:
+        run_stage(self.block, range(len(self.block.layers)), job)
+        return True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 class Stager:
+    """One thread per layer; `done(job)` is called from the last one."""
+
+    takes_snapshots = True  # the live state runs ahead of the batch being answered
+
     def __init__(self, block: LayerBlock, done: Callable[[Job], None],
                  failed: Callable[[Job, BaseException], None]):
         self.block, self.done, self.failed = block, done, failed
@@ -49,10 +99,11 @@ class Stager:
         for t in self.threads:
             t.start()
 
-    def submit(self, job: Job) -> None:
+    def run(self, job: Job) -> bool:
         with self._cond:
             self._busy += 1
         self.queues[0].put(job)
+        return False
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cond:
@@ -66,7 +117,7 @@ class Stager:
         last = j == len(self.queues) - 1
         while (job := self.queues[j].get()) is not None:
             try:
-                self._step(j, job)
+                run_stage(self.block, range(j, j + 1), job)
                 if not last:
                     self.queues[j + 1].put(job)
                     continue
@@ -79,18 +130,9 @@ class Stager:
                 self._busy -= 1
                 self._cond.notify_all()
 
-    @torch.no_grad()
-    def _step(self, j: int, job: Job) -> None:
-        layer, kind = self.block.layers[j], job.batch.kind
-        if kind == pb.TRAIN:
-            if layer.epoch != job.batch.epoch:
-                layer.set_epoch(job.batch.epoch)
-            assert job.packet is not None
-            job.packet, metrics = self.block.train_layer(j, job.packet)
-            job.metrics.update(metrics)
-        elif kind == pb.EVAL:
-            assert job.x is not None
-            job.x, score = self.block.infer_layer(j, job.x, job.taps)
-            job.scores.append(score)
-        if job.snapshots is not None:
-            job.snapshots.append(layer.state_dict())
+
+def make_runner(block: LayerBlock, done: Callable[[Job], None],
+                failed: Callable[[Job, BaseException], None]) -> Inline | Stager:
+    if len(block.layers) > 1 and block.mode != "all":
+        return Stager(block, done, failed)
+    return Inline(block)

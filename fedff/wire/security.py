@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import grpc
 
+from fedff.errors import FedffError
+
 TOKEN_ENV = "FEDFF_TOKEN"
 # Keepalive on every channel: a dead peer is noticed in ~30 s even on an idle stream.
 _BOTH = [
@@ -33,7 +35,7 @@ SERVER_OPTIONS = [
 ]
 
 
-class SecurityError(ValueError):
+class SecurityError(FedffError, ValueError):
     """Missing or unreadable credentials; the message names the file or flag."""
 
 

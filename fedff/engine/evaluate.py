@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fedff.ff.network import FFNetwork
+from fedff.engine.network import Network
 
 
 @torch.no_grad()
-def evaluate(net: FFNetwork, x: torch.Tensor, y: torch.Tensor,
+def evaluate(net: Network, x: torch.Tensor, y: torch.Tensor,
              chunk: int = 1000) -> dict[str, object]:
     """Error rates (in [0, 1]) of every classifier the network offers.
 
@@ -19,7 +19,7 @@ def evaluate(net: FFNetwork, x: torch.Tensor, y: torch.Tensor,
     """
     y = y.to(net.device)
     head_wrong = 0
-    layer_wrong = torch.zeros(len(net.layers))
+    layer_wrong = torch.zeros(net.num_layers)
     sum_wrong = 0
     voters = net.goodness_layers()
     for start in range(0, x.shape[0], chunk):

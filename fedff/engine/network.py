@@ -1,22 +1,26 @@
-"""The in-process engine: a chain of FF layers plus a linear head, run in one process.
+"""The in-process engine: a chain of layers plus a linear head, run in one process.
 
 This file tells the whole per-batch story of supervised and unsupervised FF. The layers
 only ever see tensors, so a remote worker chain or a federation client reuses them as
 they are; what lives here is the orchestration that a single process can do at once.
+
+`Network` is what the training loop, evaluation, the probes and a federation client ask
+of a network; `FFNetwork` (here) and `Pipeline` (a chain of layer workers,
+fedff/pipeline/driver.py) both implement it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from fedff.config import Config
 from fedff.ff import negatives as neg
-from fedff.ff.block import LayerBlock, Packet
-from fedff.ff.head import LinearHead
-from fedff.ff.layer import ShapeError, lr_factor
+from fedff.engine.block import LayerBlock, Packet
+from fedff.engine.head import LinearHead
+from fedff.errors import ShapeError
 
 
 UNLABELLED = -1
@@ -93,6 +97,37 @@ def goodness_layers(cfg: Config) -> list[int]:
     return list(range(1, n))
 
 
+class Network(Protocol):
+    """A network the training loop drives, wherever its layers live."""
+
+    cfg: Config
+    spec: InputSpec
+    device: torch.device
+    supervised: bool
+    generator: torch.Generator  # the run's shuffles and negatives
+    epoch: int  # epochs finished
+
+    @property
+    def num_layers(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Trains on one batch; returns its metrics, or, where batches are in flight,
+        those of an earlier batch (or {} while none has come back)."""
+    def end_epoch(self) -> list[dict[str, float]]:
+        """Waits for every batch in flight; returns the metrics that were still out."""
+    def label_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Each layer's score for every candidate label: [layers, batch, classes]."""
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor: ...
+    def goodness_layers(self) -> list[int]: ...
+    def in_process(self) -> "FFNetwork":
+        """This network (or a copy of its state) as an in-process FFNetwork: what reads
+        every layer's activity, such as the probes."""
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def close(self) -> None:
+        """Releases what the network holds outside this process (connections, workers)."""
+
+
 class FFNetwork:
     def __init__(self, cfg: Config, spec: InputSpec, device: str | torch.device = "cpu"):
         self.cfg, self.spec, self.device = cfg, spec, torch.device(device)
@@ -109,8 +144,7 @@ class FFNetwork:
     # -- training --------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.block.set_epoch(epoch, lr_factor(self.cfg.optim.schedule, epoch,
-                                              self.cfg.train.epochs))
+        self.block.set_epoch(epoch)
 
     def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One step of every layer and of the head on one batch of real examples."""
@@ -134,9 +168,19 @@ class FFNetwork:
         metrics.update(self.block.train_head(out))
         return metrics
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
     def end_epoch(self) -> list[dict[str, float]]:
-        """Nothing is in flight in one process (a worker chain drains here)."""
+        """Nothing is in flight in one process: every batch's metrics came back."""
         return []
+
+    def in_process(self) -> "FFNetwork":
+        return self
+
+    def close(self) -> None:
+        pass  # nothing outside this process
 
     def ff_step(self, packet: Packet) -> tuple[Packet, dict[str, float]]:
         """Trains every layer once on the packet's [positives; negatives]."""

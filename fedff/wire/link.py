@@ -21,16 +21,17 @@ from typing import Callable, Iterator
 
 import grpc
 
+from fedff.errors import FedffError
 from fedff.v1 import worker_pb2 as pb
 from fedff.wire.frames import CHUNK_BYTES, Batch, WireFrame, encode
 from fedff.wire.rpc import train_method
-from fedff.worker.security import Security
+from fedff.wire.security import Security
 
 log = logging.getLogger("fedff.link")
 _END = object()
 
 
-class PeerError(RuntimeError):
+class PeerError(FedffError, RuntimeError):
     """The peer refused a batch, or stayed unreachable past the deadline."""
 
 

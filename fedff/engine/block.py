@@ -1,4 +1,4 @@
-"""A block of consecutive FF layers: the unit a process runs, locally or in a worker.
+"""A block of consecutive layers: the unit a process runs, locally or in a worker.
 
 The in-process network is one block holding every layer; a layer worker holds a block
 of one or more layers. Both run this code, so a chain of workers computes what the
@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from fedff.config import Config
-from fedff.ff.head import LinearHead
-from fedff.ff.layer import FFLayer, LayerBatch, LayerConfig, Pending, ShapeError
-from fedff.uff.cells import CELLS, conv_out_shape, image_shape
+from fedff.engine.head import LinearHead
+from fedff.errors import ShapeError
+from fedff.layers import registry
+from fedff.layers.contract import Layer, LayerBatch, Pending
 
 
 @dataclass
@@ -40,44 +41,6 @@ class BlockPending:
     pending: list[Pending]
     scores: torch.Tensor  # [block layers, rows]
     earlier: torch.Tensor | None
-
-
-def layer_configs(cfg: Config, input_features: int) -> list[LayerConfig]:
-    """Every layer's config. `model.cell` says what each layer is: an FF-goodness layer
-    ("ff") or a UFF cell; a conv-ae cell's width counts channels, its output is the
-    flattened feature map."""
-    m = cfg.model
-    configs, width, shape = [], input_features, None
-    for i, (kind, hidden) in enumerate(zip(cell_kinds(cfg), m.hidden)):
-        in_shape: list[int] = []
-        if kind in ("conv-ae", "conv-dae"):
-            shape = shape or image_shape(width)
-            in_shape, shape = list(shape), conv_out_shape(shape, hidden)
-            out = shape[0] * shape[1] * shape[2]
-        else:
-            shape, out = None, hidden
-        configs.append(LayerConfig(
-            in_features=width, out_features=out, kind="dense" if kind == "ff" else kind,
-            objective=m.objective, threshold_scale=m.threshold_scale,
-            temperature=m.temperature, peer_norm=m.peer_norm, peer_momentum=m.peer_momentum,
-            epochs=cfg.train.epochs,
-            normalize_input=i == 0,  # later FF layers get normalised outputs
-            seed=cfg.train.seed * 1000 + i, optim=cfg.optim, frozen=i in cfg.train.freeze,
-            in_shape=in_shape, noise=m.cell_noise))
-        width = out
-    return configs
-
-
-def cell_kinds(cfg: Config) -> list[str]:
-    """`model.cell` per layer: one kind for all, or a comma list with one per layer."""
-    kinds = [k.strip() for k in cfg.model.cell.split(",")]
-    return kinds * len(cfg.model.hidden) if len(kinds) == 1 else kinds
-
-
-def make_layer(config: LayerConfig, device: torch.device) -> Any:
-    if config.kind == "dense":
-        return FFLayer(config, device)
-    return CELLS[config.kind](config, device)
 
 
 def default_head_layers(cfg: Config) -> list[int]:
@@ -101,24 +64,26 @@ class LayerBlock:
                              f"layers), got first={first}, last={last}")
         self.cfg, self.first, self.last = cfg, first, last
         self.device = torch.device(device)
-        every = layer_configs(cfg, input_features)
-        self.layers = [make_layer(c, self.device) for c in every[first:last]]
+        every = registry.layer_configs(cfg, input_features)
+        self.layers: list[Layer] = [registry.make_layer(c, self.device)
+                                    for c in every[first:last]]
         self.head_layers = default_head_layers(cfg)
         self.mode = cfg.model.collaboration
         self.head: LinearHead | None = None
         if head:
             head_in = sum(every[i].out_features for i in self.head_layers)
-            self.head = LinearHead(head_in, num_classes, cfg.head, self.device)
+            self.head = LinearHead(head_in, num_classes, cfg.head, cfg.optim.schedule,
+                                   cfg.train.epochs, self.device)
 
     @property
     def indices(self) -> range:
         return range(self.first, self.last)
 
-    def set_epoch(self, epoch: int, head_factor: float) -> None:
+    def set_epoch(self, epoch: int) -> None:
         for layer in self.layers:
             layer.set_epoch(epoch)
         if self.head is not None:
-            self.head.set_lr_factor(head_factor)
+            self.head.set_epoch(epoch)
 
     # -- training --------------------------------------------------------------------
     @torch.no_grad()
@@ -196,7 +161,7 @@ class LayerBlock:
                 total = total + part
         metrics: dict[str, float] = {}
         for i, layer, q, s in zip(self.indices, self.layers, bp.pending, bp.scores):
-            result = layer.finish(q, gamma=total - s)
+            result = layer.finish(q, total - s)
             metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
         return (own if later is None else own + later), metrics
 
@@ -253,13 +218,7 @@ class LayerBlock:
                 len(state["layers"]) != len(self.layers):
             raise ShapeError(f"state is for layers [{state['first']}, {state['last']}), this "
                              f"block holds [{self.first}, {self.last})")
-        for i, layer, ls in zip(self.indices, self.layers, state["layers"]):
-            layer.load_state_dict(ls)
-            # The run's schedule length and frozen layers apply, not the saved ones: a
-            # resumed run may be longer, a federation round may freeze other layers.
-            layer.config.frozen = i in self.cfg.train.freeze
-            if layer.config.epochs != self.cfg.train.epochs:
-                layer.config.epochs = self.cfg.train.epochs
-                layer.set_epoch(layer.epoch)
+        for layer, layer_state in zip(self.layers, state["layers"]):
+            layer.load_state_dict(layer_state)
         if self.head is not None and state.get("head") is not None:
             self.head.load_state_dict(state["head"])

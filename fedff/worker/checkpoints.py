@@ -1,0 +1,40 @@
+"""A worker's checkpoint: its setup, its block's state at one batch id, its ack cache.
+
+Batch ids are global, so every worker of a chain checkpoints at the same ids; a worker
+restarted with the same --checkpoint-dir resumes from here (weights_only: no pickles).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from fedff import files
+from fedff.v1 import worker_pb2 as pb
+
+CHECKPOINT = "worker.pt"
+
+
+def worker_state(setup: dict[str, Any], block: dict[str, Any], epoch: int,
+                 trained_through: int, acks: OrderedDict[int, pb.Ack]) -> dict[str, Any]:
+    return {"setup": setup, "block": block, "epoch": epoch,
+            "trained_through": trained_through,
+            "acks": {k: v.SerializeToString() for k, v in acks.items()}}
+
+
+def read_acks(state: dict[str, Any]) -> OrderedDict[int, pb.Ack]:
+    return OrderedDict((int(k), pb.Ack.FromString(v))
+                       for k, v in state.get("acks", {}).items())
+
+
+def save(folder: Path, state: dict[str, Any]) -> None:
+    files.save(state, folder / CHECKPOINT)
+
+
+def load(folder: Path | None) -> dict[str, Any] | None:
+    """The saved state, or None where there is none to resume from."""
+    if folder is None or not (folder / CHECKPOINT).exists():
+        return None
+    return files.load(folder / CHECKPOINT, "worker checkpoint", weights_only=True,
+                      keys=("setup", "block", "epoch", "trained_through"))

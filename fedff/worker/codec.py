@@ -1,0 +1,118 @@
+"""Batches on the wire <-> the engine's packets: decoding with every check, no gRPC.
+
+Every tensor a batch carries is checked here (name, dtype, shape, label range) before any
+layer sees it, so a bad batch is refused whole and nothing is applied. What travels:
+- TRAIN from the driver, supervised: `examples`, `labels`, `wrong` (the first worker
+  builds the overlay rows, a third of the bytes of the finished rows);
+- TRAIN between workers (and unsupervised from the driver): `x` (positives first),
+  optional `gamma` (Collaborative FF), `neutral` (the head's rows), `labels`, and the head
+  layers' outputs as `tap.<layer>`;
+- EVAL: `x` and, when the head is asked for, the taps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedff.engine.block import LayerBlock, Packet
+from fedff.engine.network import overlay_rows
+from fedff.errors import ShapeError
+from fedff.ff import negatives as neg
+from fedff.v1 import worker_pb2 as pb
+from fedff.wire.frames import Batch, WireError
+
+KINDS = {pb.TRAIN, pb.EVAL, pb.END_EPOCH}
+
+
+def check_kind(batch: Batch) -> None:
+    if batch.kind not in KINDS:
+        raise WireError(f"batch {batch.batch_id} has frame kind {batch.kind}; send TRAIN, "
+                        f"EVAL, END_EPOCH or REPLAY")
+
+
+def tensor(batch: Batch, name: str, dtype: torch.dtype, required: bool = True
+           ) -> torch.Tensor | None:
+    t = batch.tensors.get(name)
+    if t is None:
+        if required:
+            raise WireError(f"batch {batch.batch_id} has no tensor '{name}'")
+        return None
+    if t.dtype != dtype:
+        raise WireError(f"tensor '{name}' of batch {batch.batch_id} is {t.dtype}, "
+                        f"expected {dtype}")
+    return t
+
+
+def taps(batch: Batch) -> dict[int, torch.Tensor]:
+    """The head-layer outputs collected upstream ("tap.<layer>")."""
+    return {int(k[4:]): v for k, v in batch.tensors.items() if k.startswith("tap.")}
+
+
+def eval_input(batch: Batch, block: LayerBlock, name: str = "x") -> torch.Tensor:
+    x = tensor(batch, name, torch.float32)
+    assert x is not None
+    block.layers[0].check_input(x, name)
+    return x
+
+
+def train_packet(batch: Batch, block: LayerBlock, num_classes: int) -> Packet:
+    """The packet a TRAIN batch carries, every tensor checked against the block."""
+    labels = tensor(batch, "labels", torch.int64, False)
+    if "examples" in batch.tensors:  # supervised, first worker: build the rows here
+        x, neutral = _overlays(batch, block, labels, num_classes)
+    else:
+        x = eval_input(batch, block)
+        neutral = tensor(batch, "neutral", torch.float32, False)
+    rows = x.shape[0]
+    if neutral is not None:
+        block.layers[0].check_input(neutral, "neutral")
+    if not 0 < batch.n_pos <= rows:
+        raise ShapeError(f"n_pos must be in 1..{rows} (the rows of x), got {batch.n_pos}")
+    gamma = tensor(batch, "gamma", torch.float32, False)
+    if gamma is not None and gamma.shape != (rows,):
+        raise ShapeError(f"gamma must have shape [{rows}], got {list(gamma.shape)}")
+    if labels is not None and labels.dim() != 1:
+        raise ShapeError(f"labels must be 1-D, got {list(labels.shape)}")
+    if labels is not None and block.head is not None:
+        c = block.head.linear.out_features
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < c:
+            raise ShapeError(f"labels must lie in 0..{c - 1}")
+    return Packet(x=x, n_pos=batch.n_pos, gamma=gamma, neutral=neutral, labels=labels,
+                  taps=taps(batch))
+
+
+def _overlays(batch: Batch, block: LayerBlock, labels: torch.Tensor | None,
+              num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[positives; negatives] and the neutral rows from the examples and labels."""
+    examples = tensor(batch, "examples", torch.float32)
+    wrong = tensor(batch, "wrong", torch.int64)
+    assert examples is not None and wrong is not None
+    c, n = num_classes, examples.shape[0]
+    if labels is None or labels.shape != (n,) or wrong.shape != (n,):
+        raise ShapeError(f"examples need one label and one wrong label each: [{n}]")
+    if n and not (0 <= int(torch.minimum(labels, wrong).min())
+                  and int(torch.maximum(labels, wrong).max()) < c):
+        raise ShapeError(f"labels must lie in 0..{c - 1}")
+    if batch.n_pos != n:
+        raise ShapeError(f"n_pos must equal the number of examples ({n}), got {batch.n_pos}")
+    cfg = block.cfg
+    x = overlay_rows(cfg, c, examples, labels, wrong)
+    block.layers[0].check_input(x, "x")
+    return x, neg.neutral(examples, c, cfg.train.label_strength)
+
+
+def packet_batch(batch: Batch, p: Packet) -> Batch:
+    """The TRAIN batch that carries packet p on to the next worker."""
+    tensors: dict[str, torch.Tensor] = {"x": p.x}
+    for name in ("gamma", "neutral", "labels"):
+        if getattr(p, name) is not None:
+            tensors[name] = getattr(p, name)
+    tensors.update({f"tap.{i}": t for i, t in p.taps.items()})
+    return Batch(batch_id=batch.batch_id, kind=pb.TRAIN, epoch=batch.epoch, n_pos=p.n_pos,
+                 tensors=tensors)
+
+
+def eval_batch(batch: Batch, out: torch.Tensor, taps_: dict[int, torch.Tensor] | None
+               ) -> Batch:
+    tensors = {"x": out, **{f"tap.{i}": t for i, t in (taps_ or {}).items()}}
+    return Batch(batch_id=batch.batch_id, kind=pb.EVAL, head=batch.head, tensors=tensors)

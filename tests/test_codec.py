@@ -1,0 +1,74 @@
+"""The worker's batch codec, without gRPC: every tensor checked, a bad batch refused whole."""
+
+import pytest
+import torch
+
+from fedff import config
+from fedff.data.datasets import load_digits
+from fedff.engine.block import LayerBlock, Packet
+from fedff.errors import ShapeError
+from fedff.v1 import worker_pb2 as pb
+from fedff.wire.frames import Batch, WireError
+from fedff.worker import codec
+
+DIGITS = load_digits()
+CFG = config.load("digits-ff", ["model.hidden=[16, 12]", "train.negatives=random"])
+FIRST = LayerBlock(CFG, 64, 10, 0, 1, head=False)
+LAST = LayerBlock(CFG, 64, 10, 1, 2, head=True)
+
+
+def examples_batch(n: int = 8, **changes) -> Batch:
+    tensors = {"examples": DIGITS.train_x[:n], "labels": DIGITS.train_y[:n],
+               "wrong": (DIGITS.train_y[:n] + 1) % 10}
+    tensors.update(changes)
+    return Batch(batch_id=1, kind=pb.TRAIN, n_pos=n, tensors=tensors)
+
+
+def test_the_first_worker_builds_overlay_rows_and_neutral_rows():
+    p = codec.train_packet(examples_batch(), FIRST, 10)
+    assert p.x.shape == (16, 64) and p.n_pos == 8 and p.neutral.shape == (8, 64)
+    assert torch.equal(p.x[:8, :10].argmax(dim=1), DIGITS.train_y[:8])
+    assert torch.equal(p.x[8:, :10].argmax(dim=1), (DIGITS.train_y[:8] + 1) % 10)
+
+
+def test_a_packet_survives_the_trip_to_the_next_worker():
+    rows = torch.rand(10, 16)
+    sent = Packet(x=rows, n_pos=5, gamma=torch.rand(10), neutral=torch.rand(5, 16),
+                  labels=torch.arange(5), taps={0: torch.rand(5, 16)})
+    got = codec.train_packet(codec.packet_batch(Batch(3, pb.TRAIN), sent), LAST, 10)
+    for name in ("x", "gamma", "neutral", "labels"):
+        assert torch.equal(getattr(got, name), getattr(sent, name)), name
+    assert got.n_pos == 5 and torch.equal(got.taps[0], sent.taps[0])
+
+
+@pytest.mark.parametrize("batch,error,message", [
+    (examples_batch(examples=DIGITS.train_x[:8, :60]), ShapeError, r"\[batch, 64\]"),
+    (examples_batch(labels=DIGITS.train_y[:8].float()), WireError, "expected torch.int64"),
+    (examples_batch(wrong=torch.full((8,), 10)), ShapeError, "labels must lie in 0..9"),
+    (examples_batch(labels=DIGITS.train_y[:7]), ShapeError, "one label and one wrong"),
+    (Batch(1, pb.TRAIN, n_pos=8, tensors={"labels": DIGITS.train_y[:8]}), WireError,
+     "has no tensor 'x'"),
+    (Batch(1, pb.TRAIN, n_pos=0, tensors={"x": torch.rand(8, 64)}), ShapeError,
+     "n_pos must be in 1..8"),
+    (Batch(1, pb.TRAIN, n_pos=4, tensors={"x": torch.rand(8, 64), "gamma": torch.rand(7)}),
+     ShapeError, r"gamma must have shape \[8\]"),
+])
+def test_bad_train_batches_are_refused_with_the_reason(batch, error, message):
+    with pytest.raises(error, match=message):
+        codec.train_packet(batch, FIRST, 10)
+
+
+def test_labels_outside_the_heads_classes_are_refused():
+    batch = Batch(1, pb.TRAIN, n_pos=4, tensors={"x": torch.rand(8, 16),
+                                                 "labels": torch.tensor([0, 1, 2, 12])})
+    with pytest.raises(ShapeError, match="labels must lie in 0..9"):
+        codec.train_packet(batch, LAST, 10)
+
+
+def test_unknown_frame_kinds_and_eval_inputs():
+    with pytest.raises(WireError, match="frame kind 9"):
+        codec.check_kind(Batch(1, 9))
+    assert codec.eval_input(Batch(1, pb.EVAL, tensors={"x": torch.rand(3, 64)}),
+                            FIRST).shape == (3, 64)
+    with pytest.raises(WireError, match="is torch.float16, expected torch.float32"):
+        codec.eval_input(Batch(1, pb.EVAL, tensors={"x": torch.ones(3, 64).half()}), FIRST)
