@@ -96,6 +96,22 @@ class ProbeConfig:
 
 
 @dataclass
+class PepitaConfig:
+    """PEPITA (`train.algorithm = "pepita"`, `model.cell = "pepita"`; fedff/pepita). The
+    last entry of model.hidden is the output layer (as wide as the classes)."""
+
+    feedback: str = "fixed"  # fixed: one random F | mirror: factorised F, weight mirroring
+    f_scale: float = 0.05  # F = f_scale * U(-sqrt(6/d_in), sqrt(6/d_in)); mirror: its std
+    modulation: str = "minus"  # x_err = x - F e (ICLR; needed by mirroring) | plus (ICML)
+    last_error: str = "pass1"  # the output layer steps on the pass-1 error (ICLR) | pass2
+    dropout: float = 0.1  # hidden layers, the same mask in both passes
+    wm_lr: float = 0.01
+    wm_wd: float = 0.0001
+    wm_epochs: int = 2  # mirror on every batch of the first wm_epochs epochs ...
+    wm_every: int = 100  # ... and of every wm_every-th epoch after them (0: never)
+
+
+@dataclass
 class FederationConfig:
     """A federation of data owners (`fedff simulate`, the Flower apps in fedff.federation).
 
@@ -134,6 +150,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    pepita: PepitaConfig = field(default_factory=PepitaConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,10 +158,13 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "mnist", "fashion-mnist"),
-    "optim.schedule": ("half-constant-linear", "constant"),
+    "optim.schedule": ("half-constant-linear", "constant", "step"),
     "model.objective": ("hinton", "low"),
     "model.collaboration": ("none", "earlier", "all"),
-    "train.algorithm": ("supervised", "unsupervised"),
+    "train.algorithm": ("supervised", "unsupervised", "pepita"),
+    "pepita.feedback": ("fixed", "mirror"),
+    "pepita.modulation": ("minus", "plus"),
+    "pepita.last_error": ("pass1", "pass2"),
     "train.negatives": ("random", "hard", "hybrid", "none"),
     "train.device": ("cpu", "cuda", "auto"),
     "train.classify": ("goodness", "head", "probe"),
@@ -157,14 +177,15 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", 
             "federation.round_timeout", "federation.connect_timeout",
             "federation.rounds_per_layer", "federation.alpha",
             "federation.classes_per_client", "federation.client_cpus", "federation.server_lr",
-            "probe.epochs",
+            "probe.epochs", "pepita.f_scale", "optim.decay",
             "probe.batch_size", "probe.lr", "probe.knn_k")
 NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.hybrid_blur_steps",
                 "optim.weight_decay", "head.weight_decay", "model.peer_norm",
                 "probe.examples", "probe.weight_decay", "probe.mlp_hidden",
-                "probe.knn_examples", "federation.server_warmup")
+                "probe.knn_examples", "federation.server_warmup", "pepita.wm_lr",
+                "pepita.wm_wd", "pepita.wm_epochs", "pepita.wm_every")
 UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum",
-                 "model.cell_noise", "federation.server_momentum")
+                 "model.cell_noise", "federation.server_momentum", "pepita.dropout")
 
 
 def _section_types() -> dict[str, type]:
@@ -282,10 +303,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'model.hidden' needs one or more positive layer widths, "
                           f"got {cfg.model.hidden!r}; e.g. --set model.hidden=1000,1000,1000")
     sup = cfg.train.algorithm == "supervised"
-    if sup and cfg.train.negatives in ("hybrid", "none"):
+    if cfg.train.algorithm == "pepita":
+        _validate_pepita(cfg)
+    elif sup and cfg.train.negatives in ("hybrid", "none"):
         raise ConfigError(f"train.negatives = {cfg.train.negatives!r} needs train.algorithm = "
                           f"'unsupervised'; use random or hard for supervised FF")
-    if not sup and cfg.train.negatives not in ("hybrid", "none"):
+    elif not sup and cfg.train.negatives not in ("hybrid", "none"):
         raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images "
                           f"(or none, for UFF cells); set train.negatives = 'hybrid' or 'none' "
                           f"(got {cfg.train.negatives!r})")
@@ -317,6 +340,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'head.layers' has layer indices {bad} outside 0..{n - 1} "
                           f"(indices count hidden layers from 0)")
     return cfg
+
+
+def _validate_pepita(cfg: Config) -> None:
+    """PEPITA learns from labels without negatives, and its output layer classifies."""
+    t = cfg.train
+    if cfg.model.cell.strip() != "pepita":
+        raise ConfigError("train.algorithm = 'pepita' trains PEPITA layers; set "
+                          "model.cell = 'pepita'")
+    if t.negatives != "none":
+        raise ConfigError(f"PEPITA uses no negative data; set train.negatives = 'none' "
+                          f"(got {t.negatives!r})")
+    if t.classify != "head":
+        raise ConfigError(f"PEPITA's output layer is its classifier; set train.classify = "
+                          f"'head' (got {t.classify!r})")
+    if len(cfg.model.hidden) < 2:
+        raise ConfigError("PEPITA needs hidden layers and an output layer: model.hidden "
+                          "lists the hidden widths, then the classes, e.g. [1024, 10]")
+    if cfg.pepita.feedback == "mirror" and cfg.pepita.modulation != "minus":
+        raise ConfigError("weight mirroring descends only with x_err = x - F e; set "
+                          "pepita.modulation = 'minus' with pepita.feedback = 'mirror'")
 
 
 SHAPE_KEYS = ("data.dataset", "model.hidden", "model.cell", "head.layers")

@@ -35,12 +35,13 @@ from fedff.data.datasets import Dataset, load_dataset
 from fedff.data.idx import DataError
 from fedff.engine.network import FFNetwork, InputSpec
 
-VARIANTS = {
-    "ff-hard (3x1000)": [],
-    "ff-random (3x1000)": ["train.negatives=random"],
-    "cff-all (3x1000)": ["model.collaboration=all"],
-    "ff-unsupervised (3x1000)": ["train.algorithm=unsupervised", "train.negatives=hybrid",
-                                 "train.classify=head"],
+VARIANTS = {  # name: (config, overrides)
+    "ff-hard (3x1000)": ("mnist-ff-3x1000", []),
+    "ff-random (3x1000)": ("mnist-ff-3x1000", ["train.negatives=random"]),
+    "cff-all (3x1000)": ("mnist-ff-3x1000", ["model.collaboration=all"]),
+    "ff-unsupervised (3x1000)": ("mnist-ff-3x1000", [
+        "train.algorithm=unsupervised", "train.negatives=hybrid", "train.classify=head"]),
+    "pepita (1x1024)": ("mnist-pepita-1x1024", []),
 }
 
 
@@ -67,6 +68,8 @@ class MatmulRoof:
 def flops_per_batch(net: FFNetwork, batch: int) -> float:
     widths = [net.spec.features, *net.cfg.model.hidden]
     per_row = sum(2 * widths[i] * widths[i + 1] for i in range(len(widths) - 1))
+    if net.cfg.train.algorithm == "pepita":  # two forward passes, the weight gradients,
+        return batch * (3 * per_row + 2 * widths[-1] * widths[0])  # and F e (fixed F)
     flops = 2 * batch * per_row * 2  # positives + negatives, forward + weight gradient
     head_in = sum(net.cfg.model.hidden[i] for i in net.head_layers)
     flops += batch * 2 * head_in * net.spec.num_classes * 2
@@ -86,9 +89,9 @@ def load(data_dir: str | None) -> Dataset:
         return Dataset("random-784", x, y, x[:1000], y[:1000], (28, 28))
 
 
-def bench_variant(overrides: list[str], ds: Dataset, steps: int, blocks: int,
+def bench_variant(variant: tuple[str, list[str]], ds: Dataset, steps: int, blocks: int,
                   roof: MatmulRoof) -> dict:
-    cfg = config.load("mnist-ff-3x1000", overrides)
+    cfg = config.load(*variant)
     net = FFNetwork(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes))
     b = cfg.train.batch_size
     order = torch.randperm(ds.train_x.shape[0])
@@ -113,7 +116,8 @@ def bench_variant(overrides: list[str], ds: Dataset, steps: int, blocks: int,
         block_mfu.append(flops * steps / block_times[-1] / 1e9 / ((before + after) / 2))
         before = after
     t = statistics.median(block_times) / steps
-    return {"seconds_per_batch": t, "samples_per_s": b / t, "epoch_seconds": 60000 / b * t,
+    return {"batch_size": b, "seconds_per_batch": t, "samples_per_s": b / t,
+            "epoch_seconds": 60000 / b * t,
             "gflop_per_batch": flops / 1e9, "gflops": flops / t / 1e9,
             "mfu": statistics.median(block_mfu), "block_mfu": block_mfu,
             "block_seconds": block_times}
@@ -144,7 +148,7 @@ def main() -> None:
               f"{r['gflops']:>9.1f}{r['mfu']:>7.2f}")
     print(f"peak RSS: {peak:.0f} MiB")
     result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-              "torch": torch.__version__, "dataset": ds.name, "batch_size": 100,
+              "torch": torch.__version__, "dataset": ds.name,
               "matmul_roof_gflops": statistics.median(roofs), "roof_samples": roofs,
               "variants": rows, "peak_rss_mb": peak, "steps_per_block": args.steps,
               "blocks": args.blocks}

@@ -19,9 +19,9 @@ import torch
 
 from fedff.config import Config
 from fedff.engine.head import LinearHead
-from fedff.errors import ShapeError
+from fedff.errors import ConfigError, ShapeError
 from fedff.layers import registry
-from fedff.layers.contract import Layer, LayerBatch, Pending
+from fedff.layers.contract import Layer, LayerBatch, LayerConfig, Pending
 
 
 @dataclass
@@ -41,6 +41,16 @@ class BlockPending:
     pending: list[Pending]
     scores: torch.Tensor  # [block layers, rows]
     earlier: torch.Tensor | None
+
+
+def check_top_down(every: list[LayerConfig], num_classes: int) -> None:
+    """A top-down network's last layer is its classifier."""
+    if every[-1].out_features != num_classes:
+        widths = [c.out_features for c in every[:-1]]
+        raise ConfigError(f"the last entry of model.hidden is a top-down network's output "
+                          f"layer: it must be {num_classes} wide (the classes), got "
+                          f"{every[-1].out_features}; e.g. model.hidden="
+                          f"{[*widths, num_classes]}")
 
 
 def default_head_layers(cfg: Config) -> list[int]:
@@ -69,10 +79,13 @@ class LayerBlock:
                                     for c in every[first:last]]
         self.head_layers = default_head_layers(cfg)
         self.mode = cfg.model.collaboration
+        self.top_down = all(type(layer).top_down for layer in self.layers)
+        if self.top_down:
+            check_top_down(every, num_classes)
         self.head: LinearHead | None = None
-        if head:
+        if head and not self.top_down:  # a top-down network ends in its own classifier
             head_in = sum(every[i].out_features for i in self.head_layers)
-            self.head = LinearHead(head_in, num_classes, cfg.head, cfg.optim.schedule,
+            self.head = LinearHead(head_in, num_classes, cfg.head, cfg.optim,
                                    cfg.train.epochs, self.device)
 
     @property
@@ -95,6 +108,9 @@ class LayerBlock:
         if self.mode == "all":
             nxt, pending = self._begin_all(p)
             return nxt, pending, {}
+        if self.top_down:
+            nxt, metrics = self._train_top_down(p)
+            return nxt, None, metrics
         metrics: dict[str, float] = {}
         for j in range(len(self.layers)):
             p, layer_metrics = self.train_layer(j, p)
@@ -123,6 +139,45 @@ class LayerBlock:
         nxt = Packet(x=result.out, n_pos=p.n_pos, gamma=gamma, neutral=neutral,
                      labels=p.labels, taps=taps)
         return nxt, {f"layer{i}/{k}": v for k, v in result.metrics.items()}
+
+    # -- top-down learners (PEPITA): pass 1 down, the error up, pass 2 down ----------
+    def _train_top_down(self, p: Packet) -> tuple[Packet, dict[str, float]]:
+        """The whole step in one block (one process, or a chain of one worker)."""
+        nxt, pending = self.begin_top_down(p)
+        signal = pending[-1].error
+        assert signal is not None  # check_top_down: the network ends in its output layer
+        x_err = self.send_back(pending, signal)
+        out, metrics = self.finish_top_down(pending, x_err)
+        return Packet(x=out, n_pos=p.n_pos, labels=p.labels), metrics
+
+    @torch.no_grad()
+    def begin_top_down(self, p: Packet) -> tuple[Packet, list[Pending]]:
+        """Pass 1 through the block; the last layer of the network adds its error."""
+        pending, h = [], p.x
+        for layer in self.layers:
+            pending.append(layer.begin(LayerBatch(h, p.n_pos, labels=p.labels)))
+            h = pending[-1].out
+        return Packet(x=h, n_pos=p.n_pos, labels=p.labels), pending
+
+    @torch.no_grad()
+    def send_back(self, pending: list[Pending], signal: torch.Tensor) -> torch.Tensor:
+        """The top-down signal from the block's output to its input (at the network's
+        first layer: the modulated input of pass 2)."""
+        for layer, q in zip(reversed(self.layers), reversed(pending)):
+            signal = layer.send_back(q, signal)
+        return signal
+
+    @torch.no_grad()
+    def finish_top_down(self, pending: list[Pending], x2: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Pass 2 through the block from its modulated input x2, each layer's update."""
+        metrics: dict[str, float] = {}
+        for i, layer, q in zip(self.indices, self.layers, pending):
+            result = layer.finish(q, x2)
+            x2 = result.out
+            metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
+        type(self.layers[0]).after_step(self.layers, x2.shape[0])
+        return x2, metrics
 
     def _tap_positive(self, i: int, out: torch.Tensor, n_pos: int,
                       taps: dict[int, torch.Tensor], neutral: torch.Tensor | None) -> None:

@@ -14,14 +14,15 @@ from torch import nn
 
 from fedff.config import HeadConfig
 from fedff.errors import ShapeError
-from fedff.layers.contract import lr_factor, make_sgd, set_hyper, snapshot
+from fedff.layers.contract import OptimConfig, lr_factor, make_sgd, set_hyper, snapshot
 
 
 class LinearHead:
-    """Follows the layers' schedule (`optim.schedule` over `train.epochs`) at its own lr."""
+    """Follows the layers' schedule (`optim.schedule` over `train.epochs`) at its own lr;
+    without one, a constant lr."""
 
     def __init__(self, in_features: int, num_classes: int, config: HeadConfig,
-                 schedule: str = "constant", epochs: int = 1,
+                 schedule: OptimConfig | None = None, epochs: int = 1,
                  device: str | torch.device = "cpu"):
         self.config, self.schedule, self.epochs = config, schedule, epochs
         self.linear = nn.Linear(in_features, num_classes, bias=False).to(device)
@@ -35,7 +36,10 @@ class LinearHead:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        set_hyper(self.optimizer, self.hyper(), lr_factor(self.schedule, epoch, self.epochs))
+        s = self.schedule
+        factor = 1.0 if s is None else lr_factor(s.schedule, epoch, self.epochs, s.milestones,
+                                                 s.decay)
+        set_hyper(self.optimizer, self.hyper(), factor)
 
     @torch.no_grad()
     def train_step(self, features: torch.Tensor, labels: torch.Tensor

@@ -136,7 +136,7 @@ class FFNetwork:
         self.block = LayerBlock(cfg, spec.features, spec.num_classes, 0, n, head=True,
                                 device=self.device)
         self.layers = self.block.layers
-        self.head: LinearHead = self.block.head  # type: ignore[assignment]
+        self.head: LinearHead | None = self.block.head  # None: the last layer classifies
         self.head_layers = self.block.head_layers
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.epoch = 0
@@ -154,6 +154,7 @@ class FFNetwork:
         metrics: dict[str, float] = {}
         probs = None
         if self.supervised:  # the head first: hard negatives come from its predictions
+            assert self.head is not None
             probs, head_metrics = self.head.train_step(self.head_features(
                 neg.neutral(x, self.spec.num_classes, t.label_strength)), labels)
             metrics.update(head_metrics)
@@ -211,6 +212,8 @@ class FFNetwork:
         x = x.to(self.device)
         if self.supervised:
             x = neg.neutral(x, self.spec.num_classes, self.cfg.train.label_strength)
+        if self.head is None:  # a top-down network (PEPITA): its output layer's logits
+            return self.block.infer(x)[0]
         return self.head.logits(self.head_features(x))
 
     @torch.no_grad()
@@ -227,7 +230,8 @@ class FFNetwork:
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "spec": self.spec.__dict__,
                 "layers": [layer.state_dict() for layer in self.layers],
-                "head": self.head.state_dict(), "epoch": self.epoch,
+                "head": None if self.head is None else self.head.state_dict(),
+                "epoch": self.epoch,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

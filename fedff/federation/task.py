@@ -53,7 +53,7 @@ def state_arrays(state: dict[str, Any], layers: list[int] | None = None,
     chosen = range(len(state["layers"])) if layers is None else layers
     parts = {f"layer{i}": _kind(state["layers"][i]).federated_arrays(state["layers"][i])
              for i in chosen}
-    if head:
+    if head and state["head"] is not None:  # a top-down network has no separate head
         parts["head"] = LinearHead.federated_arrays(state["head"])
     return ArrayRecord({f"{prefix}.{key}": Array(value.detach().cpu().numpy().copy())
                         for prefix, arrays in parts.items() for key, value in arrays.items()})

@@ -36,7 +36,7 @@ class FFLayer(Layer):
     """A fully connected ReLU layer trained with the FF goodness objective."""
 
     needs_negatives = True
-    supervised = True
+    algorithms = ("supervised", "unsupervised")
     collaborative = True
 
     def __init__(self, config: LayerConfig, device: str | torch.device = "cpu"):

@@ -52,7 +52,9 @@ class OptimConfig:
     momentum: float = 0.9
     dampening: float = 0.0
     weight_decay: float = 0.0003
-    schedule: str = "half-constant-linear"  # | constant
+    schedule: str = "half-constant-linear"  # | constant | step (x decay at milestones)
+    milestones: list[int] = field(default_factory=lambda: [60, 90])  # step: epochs
+    decay: float = 0.1  # step: the lr factor at each milestone
 
 
 @dataclass
@@ -79,6 +81,8 @@ class LayerConfig:
     noise: float = 0.0  # denoising cells: share of inputs zeroed
     optim: OptimConfig = field(default_factory=OptimConfig)
     options: dict[str, Any] = field(default_factory=dict)  # the kind's own config section
+    index: int = 0  # this layer's place in the network
+    widths: list[int] = field(default_factory=list)  # the network's [input, layer 1, ...]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerConfig":
@@ -101,6 +105,7 @@ class LayerBatch:
     x: torch.Tensor
     n_pos: int
     gamma: torch.Tensor | None = None  # the signal finish() needs, when known at once
+    labels: torch.Tensor | None = None  # targets, for a kind that learns from them
 
 
 @dataclass
@@ -118,6 +123,7 @@ class Pending:
     n_pos: int
     out: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    error: torch.Tensor | None = None  # a top-down signal an output layer sends back up
 
 
 def snapshot(obj: Any) -> Any:
@@ -135,16 +141,30 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
+def aligned(x: torch.Tensor, boundary: int = 64) -> torch.Tensor:
+    """x itself, or a copy where its data does not start on a SIMD boundary.
+
+    BLAS kernels round differently for unaligned operands, and a tensor decoded from the
+    wire is only aligned to its dtype; a layer whose matmul reads its input directly
+    (no normalisation in between) copies it, so a chain computes what one process does.
+    """
+    return x if x.data_ptr() % boundary == 0 else x.clone()
+
+
 def make_sgd(params: Any, device: torch.device, **hyper: float) -> torch.optim.SGD:
     """SGD, fused where torch has a fused kernel: one pass over weights, gradients and
     momentum instead of five; on the CPU that is a third of a 3 x 1000 step."""
     return torch.optim.SGD(params, fused=device.type in ("cpu", "cuda"), **hyper)
 
 
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """Reference schedule: constant for the first half, then linearly down to ~0."""
+def lr_factor(schedule: str, epoch: int, epochs: int, milestones: list[int] | None = None,
+              decay: float = 0.1) -> float:
+    """FF's reference schedule: constant for the first half, then linearly down to ~0;
+    or constant; or `step`: times `decay` at each milestone epoch passed (PEPITA's)."""
     if schedule == "constant":
         return 1.0
+    if schedule == "step":
+        return decay ** sum(epoch >= m for m in (milestones or []))
     return min(1.0, 2.0 * (epochs - epoch) / epochs)
 
 
@@ -163,9 +183,10 @@ class Layer(ABC):
     """
 
     needs_negatives: ClassVar[bool] = False  # learns from [positives; negatives] rows
-    supervised: ClassVar[bool] = False  # may sit in a label-overlay (supervised) network
+    algorithms: ClassVar[tuple[str, ...]] = ("unsupervised",)  # train.algorithm values
     collaborative: ClassVar[bool] = False  # supports model.collaboration (score exchange)
     image_input: ClassVar[bool] = False  # reads (C, H, W): first, or after image layers
+    top_down: ClassVar[bool] = False  # a step is: begin down, send_back up, finish down
 
     def __init__(self, config: LayerConfig, device: str | torch.device = "cpu"):
         self.config = config
@@ -208,6 +229,16 @@ class Layer(ABC):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def send_back(self, pending: Pending, signal: torch.Tensor) -> torch.Tensor:
+        """Top-down kinds: the signal from this layer's output space into its input space
+        (the first layer returns its pass-2 input). Other kinds send nothing back."""
+        raise NotImplementedError(f"a {self.config.kind!r} layer takes no top-down signal")
+
+    @classmethod
+    def after_step(cls, layers: list["Layer"], rows: int) -> None:
+        """Runs after every layer of a block finished a step on `rows` rows (e.g. a
+        joint rescale of the layers' feedback matrices)."""
+
     @classmethod
     def shape(cls, in_features: int, in_shape: tuple[int, ...] | None, width: int
               ) -> tuple[list[int], tuple[int, ...] | None, int]:
@@ -245,7 +276,8 @@ class Layer(ABC):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        factor = lr_factor(self.config.optim.schedule, epoch, self.config.epochs)
+        o = self.config.optim
+        factor = lr_factor(o.schedule, epoch, self.config.epochs, o.milestones, o.decay)
         for name, optimizer in self.optimizers.items():
             set_hyper(optimizer, self.hyper(name), factor)
 
@@ -266,7 +298,12 @@ class Layer(ABC):
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         for name, buffer in self.buffers().items():
-            buffer.copy_(state["buffers"][name])
+            saved = state["buffers"].get(name)
+            if saved is None or saved.shape != buffer.shape:
+                raise ShapeError(f"state's {name!r} is "
+                                 f"{'missing' if saved is None else list(saved.shape)}, "
+                                 f"this layer's is {list(buffer.shape)}")
+            buffer.copy_(saved)
         self.load_extra_state(state["extra"])
         self.steps = int(state["steps"])
         self.set_epoch(int(state["epoch"]))  # re-applies the config's hyperparameters

@@ -23,6 +23,7 @@ import torch
 from fedff.errors import ConfigError
 from fedff.ff.layer import FFLayer
 from fedff.layers.contract import Layer, LayerConfig
+from fedff.pepita.layer import PepitaLayer
 from fedff.uff import cells
 
 if TYPE_CHECKING:
@@ -35,8 +36,9 @@ KINDS: dict[str, type[Layer]] = {
     "conv-ae": cells.ConvAutoencoderCell,
     "conv-dae": cells.ConvDenoisingAutoencoderCell,
     "gan": cells.GANCell,
+    "pepita": PepitaLayer,
 }
-SECTIONS: dict[str, str] = {}  # kind -> the config section with its own hyperparameters
+SECTIONS: dict[str, str] = {"pepita": "pepita"}  # kind -> its config section
 _plugins_loaded: set[str] = set()
 
 
@@ -100,8 +102,11 @@ def layer_configs(cfg: "Config", input_features: int) -> list[LayerConfig]:
             normalize_input=i == 0,  # later FF layers get normalised outputs
             seed=cfg.train.seed * 1000 + i, optim=cfg.optim, frozen=i in cfg.train.freeze,
             in_shape=in_shape, noise=m.cell_noise,
-            options=dict(vars(getattr(cfg, section))) if section else {}))
+            options=dict(vars(getattr(cfg, section))) if section else {}, index=i))
         width = out
+    widths = [input_features, *(c.out_features for c in configs)]
+    for c in configs:
+        c.widths = widths
     return configs
 
 
@@ -122,9 +127,17 @@ def check_kinds(cfg: "Config") -> list[str]:
         raise ConfigError(f"model.cell has unknown kinds {sorted(set(bad))}; choose from "
                           f"{', '.join(kind_names())}")
     classes = [KINDS[k] for k in kinds]
-    if cfg.train.algorithm == "supervised" and not all(c.supervised for c in classes):
+    algorithm = cfg.train.algorithm
+    refused = sorted({k for k, c in zip(kinds, classes) if algorithm not in c.algorithms})
+    if refused and algorithm == "supervised":
         raise ConfigError("UFF cells learn without labels; set train.algorithm = "
                           "'unsupervised' (with train.negatives = 'none')")
+    if refused:
+        allowed = sorted({a for k in refused for a in KINDS[k].algorithms})
+        raise ConfigError(f"layer kind(s) {refused} train under train.algorithm = "
+                          f"{' or '.join(allowed)}, not {algorithm!r}; set model.cell to a "
+                          f"kind of that algorithm (e.g. 'pepita' for train.algorithm = "
+                          f"'pepita', 'ff' or a UFF cell otherwise)")
     if cfg.model.collaboration != "none" and not all(c.collaborative for c in classes):
         raise ConfigError("collaborative FF needs FF-goodness layers only; set "
                           "model.collaboration = 'none' with UFF cells")

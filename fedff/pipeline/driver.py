@@ -50,6 +50,11 @@ def split_layers(n_layers: int, n_workers: int) -> list[tuple[int, int]]:
 
 
 def check_pipeline_config(cfg: Config) -> None:
+    if cfg.train.algorithm == "pepita" and cfg.pepita.feedback == "mirror":
+        raise ConfigError("weight mirroring rescales every layer's feedback factor by the "
+                          "std of their product, which a chain of workers does not "
+                          "exchange yet; use pepita.feedback = 'fixed' in a chain, or train "
+                          "mirroring in one process")
     if cfg.train.algorithm == "supervised" and cfg.train.negatives == "hard":
         raise ConfigError("train.negatives = 'hard' needs the head's prediction for a batch "
                           "before that batch enters the chain, which a pipeline only has a "
@@ -168,7 +173,9 @@ class Pipeline:
         return self._metrics.popleft() if self._metrics else {}
 
     def end_epoch(self) -> list[dict[str, float]]:
-        """Marks the epoch's end (every worker checkpoints) and waits for the chain to drain."""
+        """Waits for every batch's answer (and so every signal sent back up), then marks
+        the epoch's end (every worker checkpoints) and waits for the chain to drain."""
+        self.link.wait_acked(self.batch_id)
         self.link.wait_acked(self._send(pb.END_EPOCH))
         out = list(self._metrics)
         self._metrics.clear()

@@ -7,7 +7,9 @@ layer sees it, so a bad batch is refused whole and nothing is applied. What trav
 - TRAIN between workers (and unsupervised from the driver): `x` (positives first),
   optional `gamma` (Collaborative FF), `neutral` (the head's rows), `labels`, and the head
   layers' outputs as `tap.<layer>`;
-- EVAL: `x` and, when the head is asked for, the taps.
+- EVAL: `x` and, when the head is asked for, the taps;
+- top-down learners (PEPITA): TRAIN and END_EPOCH frames also carry the pass-2 inputs
+  of earlier batches as `pass2.<batch id>`; the error travels up in the acks.
 """
 
 from __future__ import annotations
@@ -99,6 +101,27 @@ def _overlays(batch: Batch, block: LayerBlock, labels: torch.Tensor | None,
     x = overlay_rows(cfg, c, examples, labels, wrong)
     block.layers[0].check_input(x, "x")
     return x, neg.neutral(examples, c, cfg.train.label_strength)
+
+
+def pass2_inputs(batch: Batch, block: LayerBlock) -> dict[int, torch.Tensor]:
+    """Top-down learners: the pass-2 inputs of earlier batches ("pass2.<batch id>") that
+    ride on a TRAIN or END_EPOCH frame."""
+    out = {}
+    for name, t in batch.tensors.items():
+        if not name.startswith("pass2."):
+            continue
+        if not name[6:].isdigit():
+            raise WireError(f"tensor '{name}' of batch {batch.batch_id}: pass-2 inputs are "
+                            f"named pass2.<batch id>")
+        x = tensor(batch, name, torch.float32)
+        assert x is not None
+        block.layers[0].check_input(x, name)
+        out[int(name[6:])] = x
+    return out
+
+
+def pass2_tensors(outputs: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"pass2.{bid}": t for bid, t in sorted(outputs.items())}
 
 
 def packet_batch(batch: Batch, p: Packet) -> Batch:

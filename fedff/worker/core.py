@@ -32,6 +32,7 @@ from fedff.worker import checkpoints, codec
 from fedff.worker.options import WorkerOptions
 from fedff.worker.session import Session
 from fedff.worker.stages import Inline, Job, Stager, make_runner
+from fedff.layers.contract import Pending
 
 log = logging.getLogger("fedff.worker")
 
@@ -44,6 +45,7 @@ class InFlight:
     scores: torch.Tensor | None = None  # EVAL: this block's scores, [layers, rows]
     staged: bool = False  # still in the block's stages
     snapshot: dict[str, Any] | None = None  # END_EPOCH: the block's state at this id
+    top_down: bool = False  # TRAIN of a top-down learner: the ack brings the error
 
 
 class WorkerCore:
@@ -62,6 +64,8 @@ class WorkerCore:
         self.own_durable = 0
         self.acks: OrderedDict[int, pb.Ack] = OrderedDict()
         self.inflight: dict[int, InFlight] = {}
+        self.waiting: dict[int, list[Pending]] = {}  # top-down: pass 1 done, pass 2 not
+        self.modulated: dict[int, torch.Tensor] = {}  # top-down, first worker: x_err
         saved = checkpoints.load(options.checkpoint_dir)
         if saved is not None:
             self.configure(saved["setup"])
@@ -92,6 +96,8 @@ class WorkerCore:
             self.epoch, self.received_through, self.own_durable = -1, 0, 0
             self.acks.clear()
             self.inflight.clear()
+            self.waiting.clear()
+            self.modulated.clear()
             self.link = None
             if setup["last"] < n:
                 self.link = Link(downstream, self._on_downstream_ack, self.security,
@@ -114,6 +120,7 @@ class WorkerCore:
     def frontier(self) -> int:
         """The last id up to which every update is applied (CFF all defers some)."""
         waiting = [i for i, f in self.inflight.items() if f.pending is not None or f.staged]
+        waiting += list(self.waiting)  # top-down: pass 2 not applied yet
         return min(waiting) - 1 if waiting else self.received_through
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -187,6 +194,15 @@ class WorkerCore:
         elif batch.kind == pb.EVAL:
             job.x = codec.eval_input(batch, self.block)
             job.taps = codec.taps(batch) if batch.head else None
+        if self.block.top_down and batch.kind != pb.EVAL:
+            inputs = {**codec.pass2_inputs(batch, self.block), **self.modulated}
+            self.modulated.clear()
+            unknown = sorted(set(inputs) - set(self.waiting))
+            if unknown:
+                raise WireError(f"pass-2 inputs of batches {unknown} arrived, but this worker "
+                                f"holds no pass 1 of them; send each batch's pass 2 once, "
+                                f"after its error came back")
+            job.finishing = {bid: (self.waiting.pop(bid), x2) for bid, x2 in inputs.items()}
         every = self.opt.checkpoint_every
         due = batch.kind == pb.END_EPOCH or (batch.kind == pb.TRAIN and every
                                              and batch.batch_id % every == 0)
@@ -242,12 +258,44 @@ class WorkerCore:
         flight.snapshot = self._snapshot(job, bid)  # END_EPOCH
         if self.link is None:
             del self.inflight[bid]
-            self._answer(bid, pb.END_EPOCH, {}, {}, flight.snapshot)
+            self._answer(bid, pb.END_EPOCH, job.metrics, {}, flight.snapshot)
             return None
-        return Batch(batch_id=bid, kind=pb.END_EPOCH, epoch=batch.epoch)
+        flight.metrics = job.metrics
+        return Batch(batch_id=bid, kind=pb.END_EPOCH, epoch=batch.epoch,
+                     tensors=self._pass2_out(job))
+
+    def _pass2_out(self, job: Job) -> dict[str, torch.Tensor]:
+        """Top-down: the pass-2 outputs that go on with this frame."""
+        return codec.pass2_tensors(job.pass2_out) if self.link is not None else {}
+
+    def _top_down_done(self, job: Job) -> Batch | None:
+        """A top-down learner's pass 1 is done here: at the last worker the error starts
+        its way up (in the ack); elsewhere the packet goes on with the pass-2 outputs."""
+        assert self.block is not None and job.top_pending is not None
+        batch, bid, pending = job.batch, job.batch.batch_id, job.top_pending
+        if self.link is None:
+            error = pending[-1].error
+            assert error is not None
+            signal = self.block.send_back(pending, error)
+            feedback: dict[str, torch.Tensor] = {}
+            if self.block.first == 0:  # a chain of one worker: pass 2 now
+                job.metrics.update(self.block.finish_top_down(pending, signal)[1])
+            else:
+                self.waiting[bid] = pending
+                feedback["signal"] = signal
+            self.inflight.pop(bid, None)
+            self._answer(bid, pb.TRAIN, job.metrics, feedback)
+            return None
+        self.waiting[bid] = pending
+        self.inflight[bid] = InFlight(kind=pb.TRAIN, metrics=job.metrics, top_down=True)
+        out = codec.packet_batch(batch, job.packet)  # type: ignore[arg-type]
+        out.tensors.update(self._pass2_out(job))
+        return out
 
     def _train_done(self, job: Job) -> Batch | None:
         assert self.block is not None and job.packet is not None
+        if self.block.top_down:
+            return self._top_down_done(job)
         batch, nxt, metrics, pending = job.batch, job.packet, job.metrics, job.pending
         bid, last = batch.batch_id, self.link is None
         feedback: dict[str, torch.Tensor] = {}
@@ -274,6 +322,8 @@ class WorkerCore:
             feedback = {"scores": scores}
             if taps is not None and self.block.head is not None:
                 feedback["logits"] = self.block.head.logits(self.block.head_features(taps))
+            elif taps is not None and self.block.top_down:  # its output layer's logits
+                feedback["logits"] = out
             self.inflight.pop(bid, None)
             self._answer(bid, pb.EVAL, {}, feedback)
             return None
@@ -291,6 +341,8 @@ class WorkerCore:
             feedback: dict[str, torch.Tensor] = {}
             if flight.kind == pb.REPLAY:
                 feedback, metrics = later, {}
+            elif flight.top_down:
+                feedback = self._error_up(ack.batch_id, later)
             elif flight.kind == pb.TRAIN and flight.pending is not None:
                 assert self.block is not None
                 feedback["scores"], finish_metrics = self.block.finish(flight.pending,
@@ -305,6 +357,19 @@ class WorkerCore:
                     feedback["logits"] = later["logits"]
             metrics.update(ack.metrics)
             self._answer(ack.batch_id, flight.kind, metrics, feedback, flight.snapshot)
+
+    def _error_up(self, bid: int, later: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Top-down: the error from below through this block. The first worker keeps the
+        modulated input it becomes; its pass 2 runs with the next frame, on the thread
+        that runs every other step (so a chain computes what one process does)."""
+        assert self.block is not None
+        if "signal" not in later:
+            raise WireError(f"the answer to batch {bid} carries no top-down signal")
+        signal = self.block.send_back(self.waiting[bid], later["signal"])
+        if self.block.first != 0:
+            return {"signal": signal}
+        self.modulated[bid] = signal
+        return {}
 
     def _answer(self, bid: int, kind: int, metrics: dict[str, float],
                 feedback: dict[str, torch.Tensor],

@@ -1,8 +1,9 @@
 """How a worker runs its block on a batch: one path, in stages.
 
-A stage is a run of consecutive layers. A block of one layer, or one under Collaborative
-FF over all layers (whose updates wait for every score), is a single stage run inline on
-the thread that received the batch. A block of several layers runs one thread per layer:
+A stage is a run of consecutive layers. A block of one layer, one under Collaborative
+FF over all layers (whose updates wait for every score) or of a top-down learner (whose
+pass 2 comes with a later frame) is a single stage run inline on the thread that
+received the batch. A block of several layers runs one thread per layer:
 a worker holding layers 0 and 1 would otherwise use one core while its neighbour, holding
 a single layer, waits on it half the time. With a thread per layer, layer 0 works on
 batch b while layer 1 works on batch b-1; each layer still sees its batches in order and
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from fedff.engine.block import BlockPending, LayerBlock, Packet
+from fedff.layers.contract import Pending
 from fedff.v1 import worker_pb2 as pb
 from fedff.wire.frames import Batch
 
@@ -37,21 +39,30 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     scores: list[torch.Tensor] = field(default_factory=list)
     snapshots: list[dict[str, Any]] | None = None  # each layer's state, when due
+    # top-down learners (PEPITA): pass 2 of earlier batches, then pass 1 of this one
+    finishing: dict[int, tuple[list[Pending], torch.Tensor]] = field(default_factory=dict)
+    pass2_out: dict[int, torch.Tensor] = field(default_factory=dict)
+    top_pending: list[Pending] | None = None
 
 
 @torch.no_grad()
 def run_stage(block: LayerBlock, layers: range, job: Job) -> None:
     """Layers `layers` of the block on one job; snapshots each layer's state when due."""
     kind = job.batch.kind
+    for bid, (pending, x2) in job.finishing.items():  # top-down: pass 2 of earlier ones
+        job.pass2_out[bid], metrics = block.finish_top_down(pending, x2)
+        job.metrics.update(metrics)
     if kind == pb.TRAIN:
         assert job.packet is not None
         for j in layers:
             if block.layers[j].epoch != job.batch.epoch:
                 block.layers[j].set_epoch(job.batch.epoch)
-        if block.mode == "all":  # the whole block: updates wait for the later scores
+        if block.top_down:  # pass 1; pass 2 comes with a later frame
+            job.packet, job.top_pending = block.begin_top_down(job.packet)
+        elif block.mode == "all":  # the whole block: updates wait for the later scores
             job.packet, job.pending, metrics = block.train(job.packet)
             job.metrics.update(metrics)
-        for j in layers if block.mode != "all" else ():
+        for j in layers if block.mode != "all" and not block.top_down else ():
             job.packet, metrics = block.train_layer(j, job.packet)
             job.metrics.update(metrics)
     elif kind == pb.EVAL:
@@ -133,6 +144,6 @@ class Stager:
 
 def make_runner(block: LayerBlock, done: Callable[[Job], None],
                 failed: Callable[[Job, BaseException], None]) -> Inline | Stager:
-    if len(block.layers) > 1 and block.mode != "all":
+    if len(block.layers) > 1 and block.mode != "all" and not block.top_down:
         return Stager(block, done, failed)
     return Inline(block)

@@ -1,0 +1,1 @@
+"""PEPITA: forward learning with a top-down error (layer.py)."""

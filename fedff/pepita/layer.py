@@ -1,0 +1,226 @@
+"""PEPITA (Dellaferrera & Kreiman, ICML 2022; Srinivasan et al., ICLR 2024), one kind of
+the layer contract: forward learning with a top-down error.
+
+The network is `h_l = relu(W_l h_{l-1})` (no biases), the last layer's output the logits.
+A step is three sweeps (the block runs them, fedff/engine/block.py):
+1. down, `begin`: pass 1 on x, each hidden layer drawing its dropout mask; the output
+   layer computes the error e = softmax(logits) - one_hot(target);
+2. up, `send_back`: e is projected to the input through the feedback matrices and the
+   first layer forms the modulated input x_err = x - F e (`pepita.modulation`);
+3. down, `finish`: pass 2 on x_err with the same masks; hidden layers step on
+   dW_l = (h_l - h_l_err) h_{l-1}_err^T, the output layer on e h_{L-1}_err^T (the
+   pass-1 error by default, as the ICLR code; the pass-2 error with
+   `pepita.last_error = "pass2"`, as the ICML code), batch means, SGD with momentum.
+
+Feedback (`pepita.feedback`): "fixed", one d_in x C matrix
+F = 0.05 U(-sqrt(6/d_in), sqrt(6/d_in)) on the first layer, never trained; or "mirror",
+F = B_0 B_1 ... B_{L-1} factorised over the layers (B_l is d_l x d_{l+1}, N(0, s) with
+s = (sd / sqrt(prod hidden))^(1/L), sd = 0.05 sqrt(2/d_in)), each B_l learning its
+layer's transpose by weight mirroring: B_l += wm_lr xi^T (W_l xi)/B - wm_lr wm_wd B_l
+for noise xi = 0.1 N(0, 1) minus its mean, then every factor rescaled by
+(sd / std(F))^(1/L). Mirroring runs on every batch of the first `wm_epochs` epochs and
+of every `wm_every`-th epoch after them. The matrices are the layer's buffers: saved,
+restored and averaged by a federation (every client starts from the coordinator's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedff.errors import ShapeError
+from fedff.layers.contract import (Layer, LayerBatch, LayerResult, Pending, aligned,
+                                   make_sgd)
+
+
+@dataclass
+class PepitaPending(Pending):
+    x: torch.Tensor | None = None  # pass-1 input (the first layer modulates it)
+    h: torch.Tensor | None = None  # pass-1 output (after dropout and ReLU)
+    mask: torch.Tensor | None = None  # the dropout mask, reused in pass 2
+    target: torch.Tensor | None = None  # output layer: one-hot labels
+
+
+class PepitaLayer(Layer):
+    algorithms = ("pepita",)
+    top_down = True
+
+    def __init__(self, config, device: str | torch.device = "cpu"):
+        super().__init__(config, device)
+        self.output = config.index == len(config.widths) - 2  # the last layer: logits
+        self.first = config.index == 0
+        self.generator = torch.Generator().manual_seed(config.seed + 7919)
+        self.feedback = self._initial_feedback()
+
+    # -- what the contract asks ----------------------------------------------------------
+    def build_module(self) -> nn.Module:
+        """He-uniform weights, no bias (the reference codes)."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        linear = nn.Linear(cfg.in_features, cfg.out_features, bias=False)
+        bound = math.sqrt(6.0 / cfg.in_features)
+        with torch.no_grad():
+            linear.weight.uniform_(-bound, bound, generator=generator)
+        return linear
+
+    def hyper(self, name: str) -> dict[str, Any]:
+        o = self.config.optim
+        return {"lr": o.lr, "momentum": o.momentum, "dampening": o.dampening,
+                "weight_decay": o.weight_decay}
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"main": make_sgd(self.module.parameters(), self.device, **self.hyper("main"))}
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {} if self.feedback is None else {"feedback": self.feedback}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    # -- feedback matrices ---------------------------------------------------------------
+    def _initial_feedback(self) -> torch.Tensor | None:
+        o, cfg = self.config.options, self.config
+        widths = cfg.widths
+        d_in, classes = widths[0], widths[-1]
+        generator = torch.Generator().manual_seed(cfg.seed + 104729)
+        if o["feedback"] == "fixed":
+            if not self.first:
+                return None
+            bound = math.sqrt(6.0 / d_in)
+            f = torch.empty(d_in, classes).uniform_(-bound, bound, generator=generator)
+            return (o["f_scale"] * f).to(self.device)
+        return torch.empty(cfg.in_features, cfg.out_features).normal_(
+            0.0, factor_std(widths, o["f_scale"]), generator=generator).to(self.device)
+
+    def mirrors(self) -> bool:
+        o, e = self.config.options, self.epoch
+        return o["feedback"] == "mirror" and (
+            e < o["wm_epochs"] or (o["wm_every"] > 0 and e % o["wm_every"] == 0))
+
+    @torch.no_grad()
+    def mirror(self, rows: int) -> None:
+        """One weight-mirroring step of this layer's factor B_l towards W_l^T."""
+        o = self.config.options
+        assert self.feedback is not None
+        xi = 0.1 * torch.randn(rows, self.config.in_features, generator=self.generator)
+        xi = (xi - xi.mean()).to(self.device)
+        y = xi @ self.module.weight.t()
+        self.feedback.add_(xi.t() @ y, alpha=o["wm_lr"] / rows)
+        self.feedback.mul_(1.0 - o["wm_lr"] * o["wm_wd"])
+
+    @classmethod
+    def after_step(cls, layers: list[Layer], rows: int) -> None:
+        """Weight mirroring, then the joint rescale of the factors to std(F) = sd."""
+        mirroring = [lay for lay in layers if isinstance(lay, PepitaLayer) and lay.mirrors()
+                     and not lay.config.frozen]
+        if not mirroring or len(mirroring) != len(layers):
+            return
+        for layer in mirroring:
+            layer.mirror(rows)
+        rescale([lay.feedback for lay in mirroring], layers[0].config.widths,
+                mirroring[0].config.options["f_scale"])
+
+    # -- pass 1, the error's way up, pass 2 ----------------------------------------------
+    def _linear(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        z = x @ self.module.weight.t()
+        if self.output:
+            return z
+        if mask is not None:
+            z = z * mask
+        return z.clamp_min_(0)
+
+    @torch.no_grad()
+    def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_input(x)
+        return self._linear(x.to(self.device), None), torch.zeros(x.shape[0],
+                                                                  device=self.device)
+
+    @torch.no_grad()
+    def begin(self, batch: LayerBatch) -> PepitaPending:
+        self.check_batch(batch)
+        x = aligned(batch.x.to(self.device))
+        p = self.config.options["dropout"]
+        mask = None
+        if not self.output and p > 0 and not self.config.frozen:
+            keep = torch.rand(x.shape[0], self.config.out_features, generator=self.generator)
+            mask = (keep >= p).to(x.device, x.dtype) / (1.0 - p)
+        h = self._linear(x, mask)
+        pending = PepitaPending(n_pos=batch.n_pos, out=h, x=x if self.first else None, h=h,
+                                mask=mask)
+        if self.output:
+            if batch.labels is None:
+                raise ShapeError("PEPITA's output layer needs the batch's labels")
+            pending.target = nn.functional.one_hot(batch.labels.to(self.device),
+                                                   self.config.out_features).to(h.dtype)
+            pending.error = h.softmax(dim=1) - pending.target
+        return pending
+
+    @torch.no_grad()
+    def send_back(self, pending: Pending, signal: torch.Tensor) -> torch.Tensor:
+        """The error from this layer's output space to its input; the first layer
+        returns the modulated input x_err."""
+        assert isinstance(pending, PepitaPending)
+        signal = aligned(signal.to(self.device))
+        if self.feedback is not None:
+            signal = signal @ self.feedback.t()
+        if not self.first:
+            return signal
+        assert pending.x is not None
+        if signal.shape != pending.x.shape:
+            raise ShapeError(f"the top-down signal reaching the first layer is "
+                             f"{list(signal.shape)}, its input {list(pending.x.shape)}")
+        sign = -1.0 if self.config.options["modulation"] == "minus" else 1.0
+        return pending.x + sign * signal
+
+    @torch.no_grad()
+    def finish(self, pending: Pending, feedback: torch.Tensor | None = None) -> LayerResult:
+        """Pass 2 on `feedback` (this layer's modulated input) and the update."""
+        assert isinstance(pending, PepitaPending) and pending.h is not None
+        if feedback is None:
+            raise ShapeError("a PEPITA layer's finish needs its pass-2 input")
+        x_err = aligned(feedback.to(self.device))
+        h_err = self._linear(x_err, pending.mask)
+        rows = x_err.shape[0]
+        metrics: dict[str, float] = {}
+        if self.output:
+            assert pending.target is not None and pending.error is not None
+            p1 = pending.h.log_softmax(dim=1)
+            metrics = {"loss": float(-(p1 * pending.target).sum(dim=1).mean()),
+                       "accuracy": float((p1.argmax(dim=1) == pending.target.argmax(dim=1))
+                                         .float().mean())}
+            use_pass2 = self.config.options["last_error"] == "pass2"
+            delta = h_err.softmax(dim=1) - pending.target if use_pass2 else pending.error
+        else:
+            delta = pending.h - h_err
+        if not self.config.frozen:
+            self.module.weight.grad = delta.t() @ x_err / rows
+            self.optimizers["main"].step()
+            self.steps += 1
+        return LayerResult(out=h_err, score=torch.zeros(rows, device=self.device),
+                           metrics=metrics)
+
+
+def factor_std(widths: list[int], f_scale: float) -> float:
+    """s = (sd / sqrt(prod hidden))^(1/L), sd = f_scale sqrt(2/d_in): std(F) = sd."""
+    factors = len(widths) - 1
+    sd = f_scale * math.sqrt(2.0 / widths[0])
+    return (sd / math.sqrt(math.prod(widths[1:-1]))) ** (1.0 / factors)
+
+
+@torch.no_grad()
+def rescale(factors: list[torch.Tensor], widths: list[int], f_scale: float) -> None:
+    """Every factor times (sd / std(F))^(1/L), so the product F keeps std sd."""
+    product = factors[0]
+    for b in factors[1:]:
+        product = product @ b
+    sd = f_scale * math.sqrt(2.0 / widths[0])
+    scale = (sd / float(product.std())) ** (1.0 / len(factors))
+    for b in factors:
+        b.mul_(scale)

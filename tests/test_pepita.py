@@ -1,0 +1,236 @@
+"""PEPITA: the update rule against a plain re-implementation of the equations, the
+mirroring step, the state round trip, the shared F of a federation, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedff import config
+from fedff.data.datasets import load_digits
+from fedff.engine.evaluate import evaluate
+from fedff.engine.network import FFNetwork, InputSpec
+from fedff.errors import ConfigError, ShapeError
+from fedff.federation.task import client_data, client_train, initial_arrays, spec_of
+from fedff.pepita.layer import factor_std
+from fedff.pipeline.driver import check_pipeline_config
+from fedff.train import train_epoch
+
+DIGITS = load_digits()
+SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, DIGITS.num_classes)
+PEPITA = ["train.algorithm=pepita", "model.cell=pepita", "train.negatives=none",
+          "train.classify=head", "optim.momentum=0.9", "optim.weight_decay=0",
+          "optim.schedule=constant", "optim.lr=0.1"]
+
+
+def pepita(*overrides: str) -> config.Config:
+    return config.load("digits-ff", [*PEPITA, *overrides])
+
+
+def reference_step(weights: list[torch.Tensor], feedback: list[torch.Tensor], x, y,
+                   lr: float, sign: float = -1.0) -> list[torch.Tensor]:
+    """The equations, written plainly: pass 1, e, x_err = x + sign F e, pass 2, one SGD
+    step (the first momentum step is the gradient itself)."""
+    def forward(h0):
+        hs = [h0]
+        for w in weights[:-1]:
+            hs.append(torch.relu(hs[-1] @ w.t()))
+        return hs, hs[-1] @ weights[-1].t()
+
+    hs, logits = forward(x)
+    target = F.one_hot(y, logits.shape[1]).float()
+    e = logits.softmax(dim=1) - target
+    f = feedback[0]
+    for b in feedback[1:]:
+        f = f @ b
+    x_err = x + sign * e @ f.t()
+    hs_err, _ = forward(x_err)
+    n = x.shape[0]
+    new = [w - lr * (hs[i + 1] - hs_err[i + 1]).t() @ hs_err[i] / n
+           for i, w in enumerate(weights[:-1])]
+    return new + [weights[-1] - lr * e.t() @ hs_err[-1] / n]
+
+
+@pytest.mark.parametrize("variant", ["fixed", "mirror"])
+def test_one_step_is_the_papers_update(variant):
+    cfg = pepita("model.hidden=[12, 8, 10]", "pepita.dropout=0",
+                 f"pepita.feedback={variant}", "pepita.wm_epochs=0", "pepita.wm_every=0")
+    net = FFNetwork(cfg, SPEC)
+    weights = [layer.module.weight.detach().clone() for layer in net.layers]
+    feedback = [layer.feedback.clone() for layer in net.layers if layer.feedback is not None]
+    assert [tuple(b.shape) for b in feedback] == (
+        [(64, 10)] if variant == "fixed" else [(64, 12), (12, 8), (8, 10)])
+    x, y = DIGITS.train_x[:16], DIGITS.train_y[:16]
+    metrics = net.train_batch(x, y)
+    assert metrics["layer2/loss"] > 0
+    want = reference_step(weights, feedback, x, y, lr=0.1)
+    for layer, w in zip(net.layers, want):
+        torch.testing.assert_close(layer.module.weight, w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ICML_variant_modulates_with_plus_and_steps_on_the_pass2_error():
+    cfg = pepita("model.hidden=[12, 10]", "pepita.dropout=0", "pepita.modulation=plus",
+                 "pepita.last_error=pass2")
+    net = FFNetwork(cfg, SPEC)
+    w0, w1 = (layer.module.weight.detach().clone() for layer in net.layers)
+    f = net.layers[0].feedback.clone()
+    x, y = DIGITS.train_x[:16], DIGITS.train_y[:16]
+    net.train_batch(x, y)
+    h = torch.relu(x @ w0.t())
+    e = (h @ w1.t()).softmax(dim=1) - F.one_hot(y, 10).float()
+    x_err = x + e @ f.t()
+    h_err = torch.relu(x_err @ w0.t())
+    e2 = (h_err @ w1.t()).softmax(dim=1) - F.one_hot(y, 10).float()
+    torch.testing.assert_close(net.layers[0].module.weight, w0 - 0.1 * (h - h_err).t() @ x_err
+                               / 16, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net.layers[1].module.weight, w1 - 0.1 * e2.t() @ h_err / 16,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_weight_mirroring_moves_each_factor_towards_its_layer_and_rescales_F():
+    cfg = pepita("model.hidden=[12, 8, 10]", "pepita.dropout=0", "pepita.feedback=mirror",
+                 "pepita.wm_lr=0.5", "pepita.wm_wd=0.01")
+    net = FFNetwork(cfg, SPEC)
+    before = [layer.feedback.clone() for layer in net.layers]
+    noise = [torch.Generator().set_state(layer.generator.get_state()) for layer in net.layers]
+    net.train_batch(DIGITS.train_x[:16], DIGITS.train_y[:16])
+    want = []
+    for layer, b, g in zip(net.layers, before, noise):
+        xi = 0.1 * torch.randn(16, layer.config.in_features, generator=g)
+        xi = xi - xi.mean()
+        y = xi @ layer.module.weight.t()  # the layer's weights after this step's update
+        want.append((b + 0.5 * xi.t() @ y / 16) * (1 - 0.5 * 0.01))
+    product = want[0] @ want[1] @ want[2]
+    sd = 0.05 * math.sqrt(2 / 64)
+    scale = (sd / float(product.std())) ** (1 / 3)
+    for layer, w in zip(net.layers, want):
+        torch.testing.assert_close(layer.feedback, w * scale, rtol=1e-4, atol=1e-7)
+    got = net.layers[0].feedback @ net.layers[1].feedback @ net.layers[2].feedback
+    assert float(got.std()) == pytest.approx(sd, rel=1e-4)
+    # the initial factors already give std(F) = sd, as the paper sets them
+    assert factor_std([64, 12, 8, 10], 0.05) ** 3 * math.sqrt(12 * 8) == pytest.approx(sd)
+
+
+def test_dropout_uses_the_same_mask_in_both_passes():
+    net = FFNetwork(pepita("model.hidden=[32, 10]", "pepita.dropout=0.5"), SPEC)
+    layer = net.layers[0]
+    from fedff.layers.contract import LayerBatch
+    pending = layer.begin(LayerBatch(DIGITS.train_x[:8], 8))
+    dropped = pending.mask == 0
+    assert dropped.any() and (pending.h[dropped] == 0).all()
+    result = layer.finish(pending, DIGITS.train_x[8:16])
+    assert (result.out[dropped] == 0).all()
+    assert torch.equal(layer.forward(DIGITS.train_x[:8]),
+                       torch.relu(DIGITS.train_x[:8] @ layer.module.weight.t()))  # no mask
+
+
+def test_state_round_trips_and_training_continues_identically():
+    cfg = pepita("model.hidden=[24, 16, 10]", "pepita.feedback=mirror")
+    a = FFNetwork(cfg, SPEC)
+    for epoch in range(2):
+        train_epoch(a, DIGITS, epoch, show=False)
+    b = FFNetwork(cfg, SPEC)
+    b.load_state_dict(a.state_dict())
+    x, y = DIGITS.train_x[:32], DIGITS.train_y[:32]
+    a.train_batch(x, y)
+    b.train_batch(x, y)
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.module.weight, lb.module.weight)
+        assert torch.equal(la.feedback, lb.feedback)
+
+
+def test_pepita_learns_digits_and_reports_the_output_layers_error():
+    cfg = pepita("model.hidden=[128, 10]", "train.epochs=10", "optim.lr=0.05")
+    net = FFNetwork(cfg, SPEC)
+    for epoch in range(cfg.train.epochs):
+        train_epoch(net, DIGITS, epoch, show=False)
+    result = evaluate(net, DIGITS.test_x, DIGITS.test_y)
+    assert set(result) == {"error_head"}
+    assert result["error_head"] < 0.12, result
+
+
+def test_every_federation_client_uses_the_coordinators_F():
+    cfg = pepita("model.hidden=[16, 10]", "federation.clients=2", "federation.rounds=1",
+                 "train.epochs=1")
+    start = initial_arrays(cfg, spec_of(DIGITS))
+    f0 = start["layer0.feedback"].numpy()
+    for pid in (0, 1):
+        ds = client_data(cfg, pid, 2)
+        arrays, _ = client_train(cfg, ds, start, 1, [0, 1], partition_id=pid)
+        assert (arrays["layer0.feedback"].numpy() == f0).all()
+        assert not (arrays["layer0.weight"].numpy() == start["layer0.weight"].numpy()).all()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.negatives=hard"], "PEPITA uses no negative data"),
+    (["model.cell=ae"], "set model.cell = 'pepita'"),
+    (["train.classify=goodness"], "set train.classify = 'head'"),
+    (["model.hidden=[64]"], "needs hidden layers and an output layer"),
+    (["pepita.feedback=mirror", "pepita.modulation=plus"], "descends only with x_err = x - F e"),
+])
+def test_configs_that_do_not_apply_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load("digits-ff", [*PEPITA, *overrides])
+
+
+def test_an_output_layer_of_the_wrong_width_mirroring_in_a_chain_and_a_wrong_F_are_refused():
+    with pytest.raises(ConfigError, match="must be 10 wide .* model.hidden=\\[64, 10\\]"):
+        FFNetwork(pepita("model.hidden=[64, 7]"), SPEC)
+    with pytest.raises(ConfigError, match="a chain of workers does not exchange"):
+        check_pipeline_config(pepita("model.hidden=[64, 10]", "pepita.feedback=mirror"))
+    net = FFNetwork(pepita("model.hidden=[64, 10]"), SPEC)
+    state = net.layers[0].state_dict()
+    state["buffers"]["feedback"] = torch.zeros(64, 7)
+    with pytest.raises(ShapeError, match="'feedback' is \\[64, 7\\], this layer's is \\[64, 10\\]"):
+        net.layers[0].load_state_dict(state)
+    with pytest.raises(config.ConfigError, match="train.algorithm = pepita"):
+        config.load("digits-ff", ["model.cell=pepita", "train.negatives=none",
+                                  "train.algorithm=unsupervised", "train.classify=head"])
+
+
+@pytest.mark.slow
+def test_a_simulated_federation_trains_pepita_clients(tmp_path):
+    from fedff.federation.simulation import simulate
+
+    cfg = pepita("model.hidden=[64, 10]", "optim.lr=0.05", "federation.clients=2",
+                 "federation.rounds=3", "federation.local_epochs=2",
+                 "federation.min_clients=2", "federation.fraction_evaluate=0",
+                 "federation.round_timeout=60", "federation.connect_timeout=60")
+    summary = simulate(cfg, tmp_path, show_progress=False)
+    assert [r["replies"] for r in summary["history"]] == [2, 2, 2]
+    errors = [r["test_error"] for r in summary["history"]]
+    assert errors[-1] < 0.15 and errors[-1] < errors[0], errors
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["network"]
+    start = initial_arrays(cfg, spec_of(DIGITS))
+    assert torch.equal(saved["layers"][0]["buffers"]["feedback"],
+                       torch.from_numpy(start["layer0.feedback"].numpy()))
+
+
+@pytest.mark.parametrize("workers", [3, 1])
+def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, workers):
+    from fedff.pipeline.driver import Pipeline
+    from fedff.pipeline.launcher import LocalChain
+
+    cfg = pepita("model.hidden=[24, 16, 12, 10]", "train.epochs=2", "optim.lr=0.05")
+    local = FFNetwork(cfg, SPEC)
+    for epoch in range(2):
+        local_metrics = train_epoch(local, DIGITS, epoch, show=False)
+    with LocalChain(workers, tmp_path, window=1) as chain:
+        pipe = Pipeline(cfg, SPEC, chain.addresses, window=1)
+        try:
+            for epoch in range(2):
+                metrics = train_epoch(pipe, DIGITS, epoch, show=False)
+            piped = pipe.state_dict()
+            chain_eval = evaluate(pipe, DIGITS.test_x, DIGITS.test_y)
+        finally:
+            pipe.close()
+    # every batch's output-layer metrics came back (pass 2 rides on the next frame)
+    assert metrics == pytest.approx(local_metrics) and set(metrics) == {"layer3/loss",
+                                                                         "layer3/accuracy"}
+    for a, b in zip(piped["layers"], local.state_dict()["layers"]):
+        assert a["steps"] == b["steps"] > 0
+        assert torch.equal(a["module"]["weight"], b["module"]["weight"])
+    assert chain_eval == evaluate(local, DIGITS.test_x, DIGITS.test_y)
