@@ -220,15 +220,20 @@ def main() -> None:
     ap.add_argument("--rss-epochs", type=int, default=10)
     ap.add_argument("--rss-train-limit", type=int, default=6000)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: wire,efficiency,rss")
+    ap.add_argument("--config", default="mnist-ff-3x1000",
+                    help="the net of parts (b) and (c) (default: 3 x 1000 FF, random negatives)")
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    metavar="KEY=VALUE", help="config overrides, as for fedff train")
     ap.add_argument("--out", default="bench_pipeline.json")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    cfg = config.load("mnist-ff-3x1000", ["train.negatives=random", "train.epochs=10",
-                                          f"data.dataset={args.dataset}"])
+    ff = ["train.negatives=random"] if args.config.startswith("mnist-ff") else []
+    cfg = config.load(args.config, [*ff, "train.epochs=10", f"data.dataset={args.dataset}",
+                                    *args.overrides])
     result: dict = {"machine": platform.processor() or platform.machine(),
                     "cores": torch.get_num_threads(), "torch": torch.__version__,
-                    "grpc": grpc.__version__, "net": "3x1000 supervised FF, random negatives, "
-                    "batch 100"}
+                    "grpc": grpc.__version__, "config": args.config,
+                    "overrides": [*ff, *args.overrides]}
     if "wire" not in skip:
         result["wire"] = w = bench_wire(args.reps, args.wire_mb)
         print(f"(a) wire: activation stream {w['activation_mb_s']:.0f} MB/s, raw gRPC bytes "

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from fedff.errors import ShapeError
 from fedff.ff.objectives import GoodnessObjective, peer_norm_grad, rms_normalize
-from fedff.layers.contract import Layer, LayerBatch, LayerConfig, LayerResult, Pending, make_sgd
+from fedff.layers.contract import LayerBatch, LayerConfig, LayerResult, Pending, SGDLayer
 
 
 @dataclass
@@ -32,7 +31,7 @@ class FFPending(Pending):
     y: torch.Tensor | None = None
 
 
-class FFLayer(Layer):
+class FFLayer(SGDLayer):
     """A fully connected ReLU layer trained with the FF goodness objective."""
 
     needs_negatives = True
@@ -57,14 +56,6 @@ class FFLayer(Layer):
             linear.weight.normal_(0.0, 1.0 / math.sqrt(cfg.in_features), generator=generator)
             linear.bias.zero_()
         return linear
-
-    def hyper(self, name: str) -> dict[str, Any]:
-        o = self.config.optim
-        return {"lr": o.lr, "momentum": o.momentum, "dampening": o.dampening,
-                "weight_decay": o.weight_decay}
-
-    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"main": make_sgd(self.module.parameters(), self.device, **self.hyper("main"))}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return {"peer_mean": self.peer_mean}

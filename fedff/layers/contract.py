@@ -14,7 +14,8 @@ top of the network. The signal may come from the next layers in this process or 
 over the wire, possibly batches later.
 
 What a kind writes (see fedff/ff/layer.py and fedff/uff/cells.py):
-- `build_module()`, `hyper(name)` (one entry per optimiser) and `build_optimizers()`;
+- `build_module()`, `hyper(name)` (one entry per optimiser) and `build_optimizers()`
+  (`SGDLayer` writes these two for a single SGD set from `optim`);
 - `begin`, `finish` and `forward_with_score`;
 - optionally `buffers()` (running statistics that travel and are averaged with the
   weights), `extra_state()` / `load_extra_state()` (state that travels but is not
@@ -368,3 +369,16 @@ def check_state(state: dict[str, Any], current: LayerConfig) -> None:
     if saved.shape() != current.shape():
         raise ShapeError(f"state is for a {saved.in_features}->{saved.out_features} layer, "
                          f"this layer is {current.in_features}->{current.out_features}")
+
+
+class SGDLayer(Layer):
+    """A layer with one SGD optimiser ("main") set from `optim`: momentum, dampening and
+    weight decay, fused where torch has the kernel."""
+
+    def hyper(self, name: str) -> dict[str, Any]:
+        o = self.config.optim
+        return {"lr": o.lr, "momentum": o.momentum, "dampening": o.dampening,
+                "weight_decay": o.weight_decay}
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"main": make_sgd(self.module.parameters(), self.device, **self.hyper("main"))}

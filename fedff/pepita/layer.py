@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from fedff.errors import ShapeError
-from fedff.layers.contract import (Layer, LayerBatch, LayerResult, Pending, aligned,
-                                   make_sgd)
+from fedff.layers.contract import (Layer, LayerBatch, LayerResult, Pending, SGDLayer,
+                                   aligned)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class PepitaPending(Pending):
     target: torch.Tensor | None = None  # output layer: one-hot labels
 
 
-class PepitaLayer(Layer):
+class PepitaLayer(SGDLayer):
     algorithms = ("pepita",)
     top_down = True
 
@@ -66,14 +66,6 @@ class PepitaLayer(Layer):
         with torch.no_grad():
             linear.weight.uniform_(-bound, bound, generator=generator)
         return linear
-
-    def hyper(self, name: str) -> dict[str, Any]:
-        o = self.config.optim
-        return {"lr": o.lr, "momentum": o.momentum, "dampening": o.dampening,
-                "weight_decay": o.weight_decay}
-
-    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"main": make_sgd(self.module.parameters(), self.device, **self.hyper("main"))}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return {} if self.feedback is None else {"feedback": self.feedback}
