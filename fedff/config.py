@@ -302,13 +302,11 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.hidden or min(cfg.model.hidden) <= 0:
         raise ConfigError(f"config key 'model.hidden' needs one or more positive layer widths, "
                           f"got {cfg.model.hidden!r}; e.g. --set model.hidden=1000,1000,1000")
-    sup = cfg.train.algorithm == "supervised"
-    if cfg.train.algorithm == "pepita":
-        _validate_pepita(cfg)
-    elif sup and cfg.train.negatives in ("hybrid", "none"):
+    sup = cfg.train.algorithm == "supervised"  # PEPITA's rules: its kind's check_config
+    if sup and cfg.train.negatives in ("hybrid", "none"):
         raise ConfigError(f"train.negatives = {cfg.train.negatives!r} needs train.algorithm = "
                           f"'unsupervised'; use random or hard for supervised FF")
-    elif not sup and cfg.train.negatives not in ("hybrid", "none"):
+    elif cfg.train.algorithm == "unsupervised" and cfg.train.negatives not in ("hybrid", "none"):
         raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images "
                           f"(or none, for UFF cells); set train.negatives = 'hybrid' or 'none' "
                           f"(got {cfg.train.negatives!r})")
@@ -340,26 +338,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'head.layers' has layer indices {bad} outside 0..{n - 1} "
                           f"(indices count hidden layers from 0)")
     return cfg
-
-
-def _validate_pepita(cfg: Config) -> None:
-    """PEPITA learns from labels without negatives, and its output layer classifies."""
-    t = cfg.train
-    if cfg.model.cell.strip() != "pepita":
-        raise ConfigError("train.algorithm = 'pepita' trains PEPITA layers; set "
-                          "model.cell = 'pepita'")
-    if t.negatives != "none":
-        raise ConfigError(f"PEPITA uses no negative data; set train.negatives = 'none' "
-                          f"(got {t.negatives!r})")
-    if t.classify != "head":
-        raise ConfigError(f"PEPITA's output layer is its classifier; set train.classify = "
-                          f"'head' (got {t.classify!r})")
-    if len(cfg.model.hidden) < 2:
-        raise ConfigError("PEPITA needs hidden layers and an output layer: model.hidden "
-                          "lists the hidden widths, then the classes, e.g. [1024, 10]")
-    if cfg.pepita.feedback == "mirror" and cfg.pepita.modulation != "minus":
-        raise ConfigError("weight mirroring descends only with x_err = x - F e; set "
-                          "pepita.modulation = 'minus' with pepita.feedback = 'mirror'")
 
 
 SHAPE_KEYS = ("data.dataset", "model.hidden", "model.cell", "head.layers")

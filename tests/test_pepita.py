@@ -166,7 +166,7 @@ def test_every_federation_client_uses_the_coordinators_F():
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.negatives=hard"], "PEPITA uses no negative data"),
-    (["model.cell=ae"], "set model.cell = 'pepita'"),
+    (["model.cell=ae"], "e.g. 'pepita' for train.algorithm = 'pepita'"),
     (["train.classify=goodness"], "set train.classify = 'head'"),
     (["model.hidden=[64]"], "needs hidden layers and an output layer"),
     (["pepita.feedback=mirror", "pepita.modulation=plus"], "descends only with x_err = x - F e"),

@@ -236,6 +236,11 @@ class Layer(ABC):
         raise NotImplementedError(f"a {self.config.kind!r} layer takes no top-down signal")
 
     @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """The kind's own rules for a run config (`fedff.config.Config`); raises
+        ConfigError naming the key and the fix."""
+
+    @classmethod
     def after_step(cls, layers: list["Layer"], rows: int) -> None:
         """Runs after every layer of a block finished a step on `rows` rows (e.g. a
         joint rescale of the layers' feedback matrices)."""

@@ -144,6 +144,8 @@ def check_kinds(cfg: "Config") -> list[str]:
     if cfg.train.negatives == "none" and any(c.needs_negatives for c in classes):
         raise ConfigError("FF-goodness layers (model.cell 'ff') need negatives; set "
                           "train.negatives = 'hybrid', or make every layer a UFF cell")
+    for cls in dict.fromkeys(classes):
+        cls.check_config(cfg)
     for i, cls in enumerate(classes):
         if cls.image_input and i > 0 and not classes[i - 1].image_input:
             raise ConfigError(f"layer {i} is a {kinds[i]} cell after a {kinds[i - 1]!r} layer, "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedff.errors import ShapeError
+from fedff.errors import ConfigError, ShapeError
 from fedff.layers.contract import (Layer, LayerBatch, LayerResult, Pending, SGDLayer,
                                    aligned)
 
@@ -106,6 +106,23 @@ class PepitaLayer(SGDLayer):
         y = xi @ self.module.weight.t()
         self.feedback.add_(xi.t() @ y, alpha=o["wm_lr"] / rows)
         self.feedback.mul_(1.0 - o["wm_lr"] * o["wm_wd"])
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """PEPITA learns from labels without negatives, and its output layer classifies."""
+        t = cfg.train
+        if t.negatives != "none":
+            raise ConfigError(f"PEPITA uses no negative data; set train.negatives = 'none' "
+                              f"(got {t.negatives!r})")
+        if t.classify != "head":
+            raise ConfigError(f"PEPITA's output layer is its classifier; set "
+                              f"train.classify = 'head' (got {t.classify!r})")
+        if len(cfg.model.hidden) < 2:
+            raise ConfigError("PEPITA needs hidden layers and an output layer: model.hidden "
+                              "lists the hidden widths, then the classes, e.g. [1024, 10]")
+        if cfg.pepita.feedback == "mirror" and cfg.pepita.modulation != "minus":
+            raise ConfigError("weight mirroring descends only with x_err = x - F e; set "
+                              "pepita.modulation = 'minus' with pepita.feedback = 'mirror'")
 
     @classmethod
     def after_step(cls, layers: list[Layer], rows: int) -> None:

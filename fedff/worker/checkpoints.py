@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedff import files
+from fedff.engine.block import LayerBlock
 from fedff.v1 import worker_pb2 as pb
 
 CHECKPOINT = "worker.pt"
@@ -21,6 +22,16 @@ def worker_state(setup: dict[str, Any], block: dict[str, Any], epoch: int,
     return {"setup": setup, "block": block, "epoch": epoch,
             "trained_through": trained_through,
             "acks": {k: v.SerializeToString() for k, v in acks.items()}}
+
+
+def snapshot(block: LayerBlock, layers: list[dict[str, Any]] | None, epoch: int,
+             bid: int) -> dict[str, Any] | None:
+    """A staged block's state at batch `bid`, from the per-layer states its stages took."""
+    if layers is None:
+        return None
+    head = None if block.head is None else block.head.state_dict()
+    return {"block": {"first": block.first, "last": block.last, "layers": layers,
+                      "head": head}, "epoch": epoch, "trained_through": bid}
 
 
 def read_acks(state: dict[str, Any]) -> OrderedDict[int, pb.Ack]:

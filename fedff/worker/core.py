@@ -145,14 +145,8 @@ class WorkerCore:
             self.runner.wait_idle(timeout)
 
     def _snapshot(self, job: Job, bid: int) -> dict[str, Any] | None:
-        if job.snapshots is None:
-            return None
         assert self.block is not None
-        head = self.block.head
-        return {"block": {"first": self.block.first, "last": self.block.last,
-                          "layers": job.snapshots,
-                          "head": None if head is None else head.state_dict()},
-                "epoch": max(self.epoch, 0), "trained_through": bid}
+        return checkpoints.snapshot(self.block, job.snapshots, max(self.epoch, 0), bid)
 
     def _applied(self, bid: int, job: Job | None = None) -> None:
         """A training update is in the weights; checkpoint on the shared schedule."""
