@@ -7,6 +7,7 @@ to resume or to score with `fedff eval`) and learning_curve.png.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from fedff.config import Config, ConfigError
+from fedff.errors import FedffError
 from fedff.config import resumed as config_resumed
 from fedff.data.datasets import Dataset, load_dataset
 from fedff.engine.evaluate import evaluate
@@ -130,6 +132,7 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
     for epoch in outer:
         start = time.perf_counter()
         train = train_epoch(net, ds, epoch, show_progress)
+        check_finite(train, epoch, out_dir)
         seconds = time.perf_counter() - start
         train_seconds += seconds
         record: dict[str, Any] = {"epoch": epoch + 1, "epoch_seconds": seconds,
@@ -152,6 +155,19 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
         plot_learning_curve(history, out_dir / "learning_curve.png",
                             f"{cfg.name} ({ds.name})", reported)
     return summary
+
+
+class TrainingDiverged(FedffError):
+    """A training metric became NaN or infinite: the run stops instead of going on."""
+
+
+def check_finite(metrics: dict[str, float], epoch: int, out_dir: Path) -> None:
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch + 1}: {', '.join(bad)} became "
+            f"{metrics[bad[0]]}; lower optim.lr (or the layer's own rate) and run again; "
+            f"{out_dir / CHECKPOINT} holds the last finished epoch, if any")
 
 
 def summarize(cfg: Config, ds: Dataset, device: torch.device, history: list[dict[str, Any]],

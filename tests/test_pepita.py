@@ -234,3 +234,11 @@ def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, worke
         assert a["steps"] == b["steps"] > 0
         assert torch.equal(a["module"]["weight"], b["module"]["weight"])
     assert chain_eval == evaluate(local, DIGITS.test_x, DIGITS.test_y)
+
+
+def test_a_diverging_run_stops_with_the_fix_named(tmp_path):
+    from fedff.train import TrainingDiverged, run
+
+    cfg = pepita("model.hidden=[64, 10]", "optim.lr=1e8", "train.epochs=3")
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1: .*lower optim.lr"):
+        run(cfg, tmp_path, show_progress=False)
