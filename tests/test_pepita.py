@@ -242,3 +242,27 @@ def test_a_diverging_run_stops_with_the_fix_named(tmp_path):
     cfg = pepita("model.hidden=[64, 10]", "optim.lr=1e8", "train.epochs=3")
     with pytest.raises(TrainingDiverged, match="diverged in epoch 1: .*lower optim.lr"):
         run(cfg, tmp_path, show_progress=False)
+
+
+def test_a_chain_with_a_wide_window_applies_late_errors_and_still_learns(tmp_path):
+    """Window 4: pass 2 of batch b runs up to 4 batches late, with pass 1 redone on the
+    weights of that moment (else h - h_err measures the weights' change and diverges)."""
+    from fedff.pipeline.driver import Pipeline
+    from fedff.pipeline.launcher import LocalChain
+
+    cfg = pepita("model.hidden=[24, 16, 10]", "train.epochs=3", "optim.lr=0.05")
+    local = FFNetwork(cfg, SPEC)
+    for epoch in range(3):
+        train_epoch(local, DIGITS, epoch, show=False)
+    with LocalChain(3, tmp_path, window=4) as chain:
+        pipe = Pipeline(cfg, SPEC, chain.addresses, window=4)
+        try:
+            for epoch in range(3):
+                metrics = train_epoch(pipe, DIGITS, epoch, show=False)
+            chain_error = evaluate(pipe, DIGITS.test_x, DIGITS.test_y)["error_head"]
+        finally:
+            pipe.close()
+    local_error = evaluate(local, DIGITS.test_x, DIGITS.test_y)["error_head"]
+    assert math.isfinite(metrics["layer2/loss"]) and metrics["layer2/loss"] < 2.0
+    assert chain_error < 0.7 and abs(chain_error - local_error) < 0.1, (chain_error,
+                                                                        local_error)

@@ -39,10 +39,11 @@ from fedff.layers.contract import (Layer, LayerBatch, LayerResult, Pending, SGDL
 
 @dataclass
 class PepitaPending(Pending):
-    x: torch.Tensor | None = None  # pass-1 input (the first layer modulates it)
+    x: torch.Tensor | None = None  # pass-1 input (the first layer also modulates it)
     h: torch.Tensor | None = None  # pass-1 output (after dropout and ReLU)
     mask: torch.Tensor | None = None  # the dropout mask, reused in pass 2
     target: torch.Tensor | None = None  # output layer: one-hot labels
+    steps: int = 0  # the layer's steps at pass 1
 
 
 class PepitaLayer(SGDLayer):
@@ -161,8 +162,8 @@ class PepitaLayer(SGDLayer):
             keep = torch.rand(x.shape[0], self.config.out_features, generator=self.generator)
             mask = (keep >= p).to(x.device, x.dtype) / (1.0 - p)
         h = self._linear(x, mask)
-        pending = PepitaPending(n_pos=batch.n_pos, out=h, x=x if self.first else None, h=h,
-                                mask=mask)
+        pending = PepitaPending(n_pos=batch.n_pos, out=h, x=x, h=h, mask=mask,
+                                steps=self.steps)
         if self.output:
             if batch.labels is None:
                 raise ShapeError("PEPITA's output layer needs the batch's labels")
@@ -195,6 +196,8 @@ class PepitaLayer(SGDLayer):
         if feedback is None:
             raise ShapeError("a PEPITA layer's finish needs its pass-2 input")
         x_err = aligned(feedback.to(self.device))
+        if pending.steps != self.steps:  # stepped since pass 1 (a chain's late pass 2)
+            self._pass1_again(pending)
         h_err = self._linear(x_err, pending.mask)
         rows = x_err.shape[0]
         metrics: dict[str, float] = {}
@@ -214,6 +217,16 @@ class PepitaLayer(SGDLayer):
             self.steps += 1
         return LayerResult(out=h_err, score=torch.zeros(rows, device=self.device),
                            metrics=metrics)
+
+
+    def _pass1_again(self, pending: PepitaPending) -> None:
+        """Pass 1 with the current weights, so h - h_err is the error's effect and not
+        the weights' change since; only e itself stays late (a chain's window)."""
+        assert pending.x is not None
+        pending.h = self._linear(pending.x, pending.mask)
+        if self.output:
+            assert pending.target is not None
+            pending.error = pending.h.softmax(dim=1) - pending.target
 
 
 def factor_std(widths: list[int], f_scale: float) -> float:
