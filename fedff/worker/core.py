@@ -274,17 +274,27 @@ class WorkerCore:
             feedback: dict[str, torch.Tensor] = {}
             if self.block.first == 0:  # a chain of one worker: pass 2 now
                 job.metrics.update(self.block.finish_top_down(pending, signal)[1])
+                job.finishing[bid] = (pending, signal)
             else:
                 self.waiting[bid] = pending
                 feedback["signal"] = signal
             self.inflight.pop(bid, None)
+            self._top_down_applied(job)
             self._answer(bid, pb.TRAIN, job.metrics, feedback)
             return None
         self.waiting[bid] = pending
         self.inflight[bid] = InFlight(kind=pb.TRAIN, metrics=job.metrics, top_down=True)
+        self._top_down_applied(job)
         out = codec.packet_batch(batch, job.packet)  # type: ignore[arg-type]
         out.tensors.update(self._pass2_out(job))
         return out
+
+    def _top_down_applied(self, job: Job) -> None:
+        """Checkpoints on the shared schedule once a due batch's pass 2 is applied, so the
+        batches before it are durable and the upstream frees them."""
+        every = self.opt.checkpoint_every
+        if every and any(bid % every == 0 for bid in job.finishing):
+            self.checkpoint()
 
     def _train_done(self, job: Job) -> Batch | None:
         assert self.block is not None and job.packet is not None
