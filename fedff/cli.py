@@ -108,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start K workers on this host, run, and stop them")
     pipe.add_argument("--worker-threads", type=int, default=1, metavar="N",
                       help="torch threads per local worker (default 1)")
-    pipe.add_argument("--window", type=int, default=4, metavar="N",
-                      help="batches in flight per link (default 4)")
+    pipe.add_argument("--window", type=int, metavar="N",
+                      help="batches in flight per link (default 4; PEPITA 1: its error "
+                           "arrives window batches late, and at the reference lr a window "
+                           "of 4 diverged)")
     pipe.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                       help="local workers checkpoint every N batches (default 100)")
     pipe.add_argument("--keep-workers", action="store_true",
@@ -211,7 +213,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, [*args.overrides, *_common_overrides(args)])
     options = ChainOptions(
         addresses=[a.strip() for a in (args.workers or "").split(",") if a.strip()],
-        local=args.local or 0, worker_threads=args.worker_threads, window=args.window,
+        local=args.local or 0, worker_threads=args.worker_threads,
+        window=args.window or (1 if cfg.train.algorithm == "pepita" else 4),
         checkpoint_every=args.checkpoint_every, keep_workers=args.keep_workers,
         worker_args=_security_args(args))
     summary = run_pipeline(cfg, Path(args.out), options, _security(args),
