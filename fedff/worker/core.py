@@ -15,37 +15,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import torch
 
 from fedff.config import ConfigError, from_dict
-from fedff.engine.block import BlockPending, LayerBlock
+from fedff.engine.block import LayerBlock
 from fedff.memory import release_free_memory
 from fedff.v1 import worker_pb2 as pb
 from fedff.wire.frames import Batch, WireError, decode_feedback, header_for, payload
 from fedff.wire.link import Link
 from fedff.wire.security import Security
-from fedff.worker import checkpoints, codec
+from fedff.worker import checkpoints, codec, top_down
 from fedff.worker.options import WorkerOptions
-from fedff.worker.session import Session
+from fedff.worker.session import InFlight, Session
 from fedff.worker.stages import Inline, Job, Stager, make_runner
 from fedff.layers.contract import Pending
 
 log = logging.getLogger("fedff.worker")
-
-
-@dataclass
-class InFlight:
-    kind: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    pending: BlockPending | None = None
-    scores: torch.Tensor | None = None  # EVAL: this block's scores, [layers, rows]
-    staged: bool = False  # still in the block's stages
-    snapshot: dict[str, Any] | None = None  # END_EPOCH: the block's state at this id
-    top_down: bool = False  # TRAIN of a top-down learner: the ack brings the error
 
 
 class WorkerCore:
@@ -252,54 +240,16 @@ class WorkerCore:
         flight.snapshot = self._snapshot(job, bid)  # END_EPOCH
         if self.link is None:
             del self.inflight[bid]
-            self._answer(bid, pb.END_EPOCH, job.metrics, {}, flight.snapshot)
+            self.answer(bid, pb.END_EPOCH, job.metrics, {}, flight.snapshot)
             return None
         flight.metrics = job.metrics
         return Batch(batch_id=bid, kind=pb.END_EPOCH, epoch=batch.epoch,
-                     tensors=self._pass2_out(job))
-
-    def _pass2_out(self, job: Job) -> dict[str, torch.Tensor]:
-        """Top-down: the pass-2 outputs that go on with this frame."""
-        return codec.pass2_tensors(job.pass2_out) if self.link is not None else {}
-
-    def _top_down_done(self, job: Job) -> Batch | None:
-        """A top-down learner's pass 1 is done here: at the last worker the error starts
-        its way up (in the ack); elsewhere the packet goes on with the pass-2 outputs."""
-        assert self.block is not None and job.top_pending is not None
-        batch, bid, pending = job.batch, job.batch.batch_id, job.top_pending
-        if self.link is None:
-            error = pending[-1].error
-            assert error is not None
-            signal = self.block.send_back(pending, error)
-            feedback: dict[str, torch.Tensor] = {}
-            if self.block.first == 0:  # a chain of one worker: pass 2 now
-                job.metrics.update(self.block.finish_top_down(pending, signal)[1])
-                job.finishing[bid] = (pending, signal)
-            else:
-                self.waiting[bid] = pending
-                feedback["signal"] = signal
-            self.inflight.pop(bid, None)
-            self._top_down_applied(job)
-            self._answer(bid, pb.TRAIN, job.metrics, feedback)
-            return None
-        self.waiting[bid] = pending
-        self.inflight[bid] = InFlight(kind=pb.TRAIN, metrics=job.metrics, top_down=True)
-        self._top_down_applied(job)
-        out = codec.packet_batch(batch, job.packet)  # type: ignore[arg-type]
-        out.tensors.update(self._pass2_out(job))
-        return out
-
-    def _top_down_applied(self, job: Job) -> None:
-        """Checkpoints on the shared schedule once a due batch's pass 2 is applied, so the
-        batches before it are durable and the upstream frees them."""
-        every = self.opt.checkpoint_every
-        if every and any(bid % every == 0 for bid in job.finishing):
-            self.checkpoint()
+                     tensors=top_down.pass2_out(self, job))
 
     def _train_done(self, job: Job) -> Batch | None:
         assert self.block is not None and job.packet is not None
         if self.block.top_down:
-            return self._top_down_done(job)
+            return top_down.done(self, job)
         batch, nxt, metrics, pending = job.batch, job.packet, job.metrics, job.pending
         bid, last = batch.batch_id, self.link is None
         feedback: dict[str, torch.Tensor] = {}
@@ -313,7 +263,7 @@ class WorkerCore:
             self._applied(bid, job)
         if last:
             self.inflight.pop(bid, None)
-            self._answer(bid, pb.TRAIN, metrics, feedback)
+            self.answer(bid, pb.TRAIN, metrics, feedback)
             return None
         self.inflight[bid] = InFlight(kind=pb.TRAIN, metrics=metrics, pending=pending)
         return codec.packet_batch(batch, nxt)
@@ -329,7 +279,7 @@ class WorkerCore:
             elif taps is not None and self.block.top_down:  # its output layer's logits
                 feedback["logits"] = out
             self.inflight.pop(bid, None)
-            self._answer(bid, pb.EVAL, {}, feedback)
+            self.answer(bid, pb.EVAL, {}, feedback)
             return None
         self.inflight[bid] = InFlight(kind=pb.EVAL, scores=scores)
         return codec.eval_batch(batch, out, taps)
@@ -346,7 +296,7 @@ class WorkerCore:
             if flight.kind == pb.REPLAY:
                 feedback, metrics = later, {}
             elif flight.top_down:
-                feedback = self._error_up(ack.batch_id, later)
+                feedback = top_down.error_up(self, ack.batch_id, later)
             elif flight.kind == pb.TRAIN and flight.pending is not None:
                 assert self.block is not None
                 feedback["scores"], finish_metrics = self.block.finish(flight.pending,
@@ -360,22 +310,9 @@ class WorkerCore:
                 if "logits" in later:
                     feedback["logits"] = later["logits"]
             metrics.update(ack.metrics)
-            self._answer(ack.batch_id, flight.kind, metrics, feedback, flight.snapshot)
+            self.answer(ack.batch_id, flight.kind, metrics, feedback, flight.snapshot)
 
-    def _error_up(self, bid: int, later: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Top-down: the error from below through this block. The first worker keeps the
-        modulated input it becomes; its pass 2 runs with the next frame, on the thread
-        that runs every other step (so a chain computes what one process does)."""
-        assert self.block is not None
-        if "signal" not in later:
-            raise WireError(f"the answer to batch {bid} carries no top-down signal")
-        signal = self.block.send_back(self.waiting[bid], later["signal"])
-        if self.block.first != 0:
-            return {"signal": signal}
-        self.modulated[bid] = signal
-        return {}
-
-    def _answer(self, bid: int, kind: int, metrics: dict[str, float],
+    def answer(self, bid: int, kind: int, metrics: dict[str, float],
                 feedback: dict[str, torch.Tensor],
                 snapshot: dict[str, Any] | None = None) -> None:
         """Caches the answer for bid and sends it upstream, in id order."""

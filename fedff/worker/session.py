@@ -1,13 +1,17 @@
-"""One upstream Train stream's replies, emitted strictly in batch-id order."""
+"""One upstream Train stream's replies, emitted strictly in batch-id order, and what a
+worker keeps for each batch until its answer can go up."""
 
 from __future__ import annotations
 
 import queue
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+import torch
 
+from fedff.engine.block import BlockPending
 from fedff.v1 import worker_pb2 as pb
 
 END = object()  # the reply stream ends here
@@ -53,3 +57,14 @@ class Session:
     def close(self) -> None:
         self.closed = True
         self.replies.put(END)
+
+
+@dataclass
+class InFlight:
+    kind: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    pending: BlockPending | None = None
+    scores: torch.Tensor | None = None  # EVAL: this block's scores, [layers, rows]
+    staged: bool = False  # still in the block's stages
+    snapshot: dict[str, Any] | None = None  # END_EPOCH: the block's state at this id
+    top_down: bool = False  # TRAIN of a top-down learner: the ack brings the error
