@@ -1,4 +1,4 @@
-"""`fedff` command line: train, simulate, pipeline, worker, eval, configs.
+"""`fedff` command line: train, simulate, pipeline, worker, eval, score, configs.
 
 Every expected failure (a `FedffError`: bad config, missing data, wrong shapes, a dead
 peer, bad credentials, a file that is not a checkpoint) ends in one line,
@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   fedff train --config mnist-ff-3x1000 --data-dir ../shared/data --out runs/mnist
   fedff train --config mnist-ff-3x1000 --set train.epochs=10 --set optim.lr=0.02
   fedff eval runs/mnist/checkpoint.pt --data-dir ../shared/data
+  fedff train --config mnist-oneclass --set oneclass.normal=3 --out runs/oc3
+  fedff score runs/oc3/checkpoint.pt --input rows.npy --out scores.csv
   fedff configs mnist-ff-3x1000                 # print a named config
   fedff pipeline --local 3 --config mnist-ff-3x1000 --set train.negatives=random
   fedff worker --listen 0.0.0.0:7001            # one layer worker (on each machine)
@@ -152,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, metavar="FILE", help="also write the metrics as JSON")
     _add_common(ev)
 
+    sc = sub.add_parser("score", help="anomaly scores from a one-class checkpoint")
+    sc.add_argument("checkpoint", type=Path, help="a one-class run's checkpoint.pt")
+    sc.add_argument("--input", type=Path, metavar="FILE",
+                    help="rows to score: a .npy array or .csv table [rows, features], scaled "
+                         "like the training data (default: the checkpoint's test set, with "
+                         "AUROC)")
+    sc.add_argument("--out", type=Path, default=Path("scores.csv"), metavar="FILE",
+                    help="CSV with one row, score and anomaly flag per input row "
+                         "(default: scores.csv)")
+    _add_common(sc)
+
     cf = sub.add_parser("configs", help="list named configs, or print one")
     cf.add_argument("name", nargs="?", help="a named config to print")
     cf.add_argument("--keys", action="store_true", help="list every config key and default")
@@ -268,6 +281,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from fedff.oneclass.score import score
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(score(args.checkpoint, args.input, args.out, args.data_dir)))
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     if args.keys:
         defaults = config_mod.Config().to_dict()
@@ -291,7 +313,8 @@ def cmd_configs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
-                "pipeline": cmd_pipeline, "worker": cmd_worker, "simulate": cmd_simulate}
+                "pipeline": cmd_pipeline, "worker": cmd_worker, "simulate": cmd_simulate,
+                "score": cmd_score}
     try:
         return handlers[args.command](args)
     except (FedffError, OSError) as err:

@@ -19,6 +19,9 @@ from typing import Any
 from fedff.errors import ConfigError
 from fedff.layers import registry
 from fedff.layers.contract import OptimConfig
+from fedff.oneclass.objectives import OBJECTIVES
+from fedff.oneclass.options import OneclassConfig
+from fedff.pepita.options import PepitaConfig
 
 __all__ = ["Config", "ConfigError", "OptimConfig", "all_keys", "apply", "from_dict", "load",
            "validate"]
@@ -96,22 +99,6 @@ class ProbeConfig:
 
 
 @dataclass
-class PepitaConfig:
-    """PEPITA (`train.algorithm = "pepita"`, `model.cell = "pepita"`; fedff/pepita). The
-    last entry of model.hidden is the output layer (as wide as the classes)."""
-
-    feedback: str = "fixed"  # fixed: one random F | mirror: factorised F, weight mirroring
-    f_scale: float = 0.05  # F = f_scale * U(-sqrt(6/d_in), sqrt(6/d_in)); mirror: its std
-    modulation: str = "minus"  # x_err = x - F e (ICLR; needed by mirroring) | plus (ICML)
-    last_error: str = "pass1"  # the output layer steps on the pass-1 error (ICLR) | pass2
-    dropout: float = 0.1  # hidden layers, the same mask in both passes
-    wm_lr: float = 0.01
-    wm_wd: float = 0.0001
-    wm_epochs: int = 2  # mirror on every batch of the first wm_epochs epochs ...
-    wm_every: int = 100  # ... and of every wm_every-th epoch after them (0: never)
-
-
-@dataclass
 class FederationConfig:
     """A federation of data owners (`fedff simulate`, the Flower apps in fedff.federation).
 
@@ -151,6 +138,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     pepita: PepitaConfig = field(default_factory=PepitaConfig)
+    oneclass: OneclassConfig = field(default_factory=OneclassConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,12 +147,14 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "mnist", "fashion-mnist"),
     "optim.schedule": ("half-constant-linear", "constant", "step"),
-    "model.objective": ("hinton", "low"),
+    "model.objective": ("hinton", "low", *OBJECTIVES),  # FF | one-class (fedff/oneclass)
     "model.collaboration": ("none", "earlier", "all"),
-    "train.algorithm": ("supervised", "unsupervised", "pepita"),
+    "train.algorithm": ("supervised", "unsupervised", "pepita", "oneclass"),
     "pepita.feedback": ("fixed", "mirror"),
     "pepita.modulation": ("minus", "plus"),
     "pepita.last_error": ("pass1", "pass2"),
+    "oneclass.normalize": ("rms", "l2", "none"),
+    "oneclass.score": ("last", "sum"),
     "train.negatives": ("random", "hard", "hybrid", "none"),
     "train.device": ("cpu", "cuda", "auto"),
     "train.classify": ("goodness", "head", "probe"),
@@ -177,15 +167,16 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", 
             "federation.round_timeout", "federation.connect_timeout",
             "federation.rounds_per_layer", "federation.alpha",
             "federation.classes_per_client", "federation.client_cpus", "federation.server_lr",
-            "probe.epochs", "pepita.f_scale", "optim.decay",
+            "probe.epochs", "pepita.f_scale", "optim.decay", "oneclass.nu",
             "probe.batch_size", "probe.lr", "probe.knn_k")
 NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.hybrid_blur_steps",
                 "optim.weight_decay", "head.weight_decay", "model.peer_norm",
                 "probe.examples", "probe.weight_decay", "probe.mlp_hidden",
                 "probe.knn_examples", "federation.server_warmup", "pepita.wm_lr",
-                "pepita.wm_wd", "pepita.wm_epochs", "pepita.wm_every")
+                "pepita.wm_wd", "pepita.wm_epochs", "pepita.wm_every", "oneclass.normal")
 UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum",
-                 "model.cell_noise", "federation.server_momentum", "pepita.dropout")
+                 "model.cell_noise", "federation.server_momentum", "pepita.dropout",
+                 "oneclass.nu", "oneclass.contamination")
 
 
 def _section_types() -> dict[str, type]:
@@ -311,7 +302,7 @@ def validate(cfg: Config) -> Config:
                           f"(or none, for UFF cells); set train.negatives = 'hybrid' or 'none' "
                           f"(got {cfg.train.negatives!r})")
     registry.check_kinds(cfg)
-    if not sup and cfg.train.classify == "goodness":
+    if cfg.train.algorithm == "unsupervised" and cfg.train.classify == "goodness":
         raise ConfigError("unsupervised FF has no label overlay to score per label; "
                           "set train.classify = 'head' or 'probe'")
     if cfg.train.classify == "probe" and (sup or not cfg.probe.enabled):

@@ -38,6 +38,11 @@ def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+ERRORS = (("error_goodness", "goodness per label"), ("error_head", "softmax head"))
+SERIES = {"error_goodness": ERRORS, "error_head": ERRORS,
+          "test_error": (("test_error", "1 - AUROC (one-class)"),)}
+
+
 def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str,
                         reported: str = "error_goodness", x: str = "epoch") -> None:
     """Test error (%) per epoch for every classifier evaluated; the one behind
@@ -50,14 +55,15 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str,
 
     evaluated = [r for r in history if "test_error" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("error_goodness", "goodness per label"), ("error_head", "softmax head")):
+    series = SERIES.get(reported, SERIES["error_head"])
+    for key, label in series:
         pts = [(r[x], 100 * r[key]) for r in evaluated if key in r]
         if pts:
             ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None,
                     label=label + (" (reported)" if key == reported else ""),
                     linestyle="-" if key == reported else "--")
     ax.set_xlabel(x)
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel("1 - AUROC (%)" if reported == "test_error" else "test error (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and rounds are whole
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)

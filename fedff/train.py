@@ -25,6 +25,8 @@ from fedff.engine.evaluate import evaluate
 from fedff.engine.network import FFNetwork, InputSpec, Network
 from fedff import files
 from fedff.memory import peak_rss_mb, rss_mb
+from fedff.oneclass.data import one_vs_rest
+from fedff.oneclass.metrics import oneclass_metrics, write_plots
 from fedff.report import plot_learning_curve, write_csv, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,8 +42,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: Config) -> Dataset:
+    """The run's dataset; a one-class run trains on its normal class only."""
     d = cfg.data
-    return load_dataset(d.dataset, d.data_dir or None, d.download, d.train_limit, d.test_limit)
+    ds = load_dataset(d.dataset, d.data_dir or None, d.download, d.train_limit, d.test_limit)
+    if cfg.train.algorithm == "oneclass":
+        ds = one_vs_rest(ds, cfg.oneclass, cfg.train.seed)
+    return ds
 
 
 def build_network(cfg: Config, ds: Dataset, device: torch.device) -> FFNetwork:
@@ -49,12 +55,16 @@ def build_network(cfg: Config, ds: Dataset, device: torch.device) -> FFNetwork:
 
 
 REPORTED = {"goodness": "error_goodness", "head": "error_head", "probe": "probe_error"}
+PROBES = ("probe_error", "mlp_probe_error", "knn_error")
+DETECTION = ("auroc", "average_precision", "f1", "accuracy", "threshold")  # one-class
 
 
 def test_metrics(net: Network, ds: Dataset, final: bool = False) -> dict[str, Any]:
     """Test errors; after the last epoch of an unsupervised run also the probes'."""
-    result = evaluate(net, ds.test_x, ds.test_y)
     cfg = net.cfg
+    if cfg.train.algorithm == "oneclass":  # AUROC and friends; test_error = 1 - AUROC
+        return oneclass_metrics(net, ds)
+    result = evaluate(net, ds.test_x, ds.test_y)
     if final and cfg.train.algorithm == "unsupervised" and cfg.probe.enabled:
         from fedff.uff.probe import probe_metrics
 
@@ -151,10 +161,18 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
         write_json(out_dir / "metrics.json", summary)
         write_csv(out_dir / "metrics.csv", history)
     if history:
-        reported = "error_goodness" if cfg.train.classify == "goodness" else "error_head"
-        plot_learning_curve(history, out_dir / "learning_curve.png",
-                            f"{cfg.name} ({ds.name})", reported)
+        plot_learning_curve(history, out_dir / "learning_curve.png", f"{cfg.name} ({ds.name})",
+                            reported_error(cfg))
+    if history and cfg.train.algorithm == "oneclass":
+        write_plots(cfg, net, ds, history[-1]["threshold"], out_dir)
     return summary
+
+
+def reported_error(cfg: Config) -> str:
+    """The history key behind test_error, drawn solid in the learning curve."""
+    if cfg.train.algorithm == "oneclass":
+        return "test_error"
+    return "error_goodness" if cfg.train.classify == "goodness" else "error_head"
 
 
 class TrainingDiverged(FedffError):
@@ -187,7 +205,7 @@ def summarize(cfg: Config, ds: Dataset, device: torch.device, history: list[dict
         "error_head": final.get("error_head"),
         "error_goodness": final.get("error_goodness"),
         "layer_errors": final.get("layer_errors"),
-        **{k: final[k] for k in ("probe_error", "mlp_probe_error", "knn_error") if k in final},
+        **{k: final[k] for k in (*PROBES, *DETECTION) if k in final},
         "peak_rss_mb": peak_rss_mb(),
         "history": history,
     }

@@ -76,7 +76,8 @@ def test_help_documents_every_option_of_every_subcommand():
 
     commands = next(a for a in build_parser()._actions
                     if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"train", "simulate", "pipeline", "worker", "eval", "configs"}
+    assert set(commands) == {"train", "simulate", "pipeline", "worker", "eval", "score",
+                             "configs"}
     for name, parser in commands.items():
         text = parser.format_help()
         for action in parser._actions:

@@ -83,7 +83,8 @@ class LayerBlock:
         if self.top_down:
             check_top_down(every, num_classes)
         self.head: LinearHead | None = None
-        if head and not self.top_down:  # a top-down network ends in its own classifier
+        # PEPITA's output layer classifies; one-class layers have no classes
+        if head and all(registry.layer_class(c.kind).classifier_head for c in every):
             head_in = sum(every[i].out_features for i in self.head_layers)
             self.head = LinearHead(head_in, num_classes, cfg.head, cfg.optim,
                                    cfg.train.epochs, self.device)
@@ -219,6 +220,10 @@ class LayerBlock:
             result = layer.finish(q, total - s)
             metrics.update({f"layer{i}/{k}": v for k, v in result.metrics.items()})
         return (own if later is None else own + later), metrics
+
+    def end_epoch(self) -> None:
+        for layer in self.layers:
+            layer.end_epoch()
 
     def train_head(self, p: Packet) -> dict[str, float]:
         """The head's step on the taps the packet collected (the last block only)."""

@@ -174,7 +174,9 @@ class FFNetwork:
         return len(self.layers)
 
     def end_epoch(self) -> list[dict[str, float]]:
-        """Nothing is in flight in one process: every batch's metrics came back."""
+        """Nothing is in flight in one process: every batch's metrics came back; the
+        layers turn the epoch's statistics into state."""
+        self.block.end_epoch()
         return []
 
     def in_process(self) -> "FFNetwork":

@@ -29,7 +29,8 @@ from fedff.engine.network import FFNetwork
 from fedff.report import plot_learning_curve, write_csv, write_json
 from fedff import files
 from fedff.memory import peak_rss_mb
-from fedff.train import CHECKPOINT, load_data, test_metrics
+from fedff.train import (CHECKPOINT, DETECTION, PROBES, load_data, reported_error,
+                         test_metrics)
 
 logger = logging.getLogger("fedff.federation")
 
@@ -125,10 +126,10 @@ class Coordinator:
                    self.out_dir / CHECKPOINT)
         write_json(self.out_dir / "metrics.json", self.summary())
         write_csv(self.out_dir / "metrics.csv", self.history)
-        reported = "error_goodness" if self.cfg.train.classify == "goodness" else "error_head"
         plot_learning_curve(self.history, self.out_dir / "accuracy_vs_round.png",
                             f"{self.cfg.name}: {self.cfg.federation.clients} clients, "
-                            f"{self.cfg.federation.partitioner}", reported, x="round")
+                            f"{self.cfg.federation.partitioner}", reported_error(self.cfg),
+                            x="round")
 
     def summary(self) -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
@@ -138,8 +139,7 @@ class Coordinator:
                 "test_error": final.get("test_error"), "error_head": final.get("error_head"),
                 "error_goodness": final.get("error_goodness"),
                 "layer_errors": final.get("layer_errors"),
-                **{k: final[k] for k in ("probe_error", "mlp_probe_error", "knn_error")
-                   if k in final},
+                **{k: final[k] for k in (*PROBES, *DETECTION) if k in final},
                 "train_seconds": sum(r["round_seconds"] for r in self.history),
                 "median_round_overhead_fraction":
                     overheads[len(overheads) // 2] if overheads else None,

@@ -32,6 +32,7 @@ from fedff.engine.network import UNLABELLED, FFNetwork, InputSpec, Network
 from fedff.errors import ShapeError
 from fedff.layers import registry
 from fedff.layers.contract import Layer
+from fedff.oneclass.metrics import oneclass_metrics
 from fedff.train import Progress, load_data, train_epoch
 
 def federated(cfg: Config) -> Config:
@@ -201,6 +202,8 @@ def client_evaluate(cfg: Config, ds: Dataset, global_arrays: ArrayRecord
         return {"num-examples": int(ds.test_x.shape[0])}
     net = FFNetwork(federated(cfg), spec_of(ds))
     load_network_arrays(net, global_arrays)
+    if cfg.train.algorithm == "oneclass":  # threshold from the client's own rows
+        return error_metrics(oneclass_metrics(net, ds), int(ds.test_x.shape[0]))
     return error_metrics(evaluate(net, ds.test_x, ds.test_y), int(ds.test_x.shape[0]))
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from fedff.errors import ShapeError
+from fedff.errors import ConfigError, ShapeError
 from fedff.ff.objectives import GoodnessObjective, peer_norm_grad, rms_normalize
 from fedff.layers.contract import LayerBatch, LayerConfig, LayerResult, Pending, SGDLayer
 
@@ -47,6 +48,13 @@ class FFLayer(SGDLayer):
         )
         self.peer_mean = torch.zeros(config.out_features, device=self.device)
         self.optimizer = self.optimizers["main"]
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        if cfg.model.objective not in ("hinton", "low"):
+            raise ConfigError(f"model.objective = {cfg.model.objective!r} is a one-class "
+                              f"loss; FF layers take 'hinton' or 'low' (or set model.cell = "
+                              f"'oneclass' with train.algorithm = 'oneclass')")
 
     def build_module(self) -> nn.Module:
         cfg = self.config

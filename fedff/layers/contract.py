@@ -188,6 +188,7 @@ class Layer(ABC):
     collaborative: ClassVar[bool] = False  # supports model.collaboration (score exchange)
     image_input: ClassVar[bool] = False  # reads (C, H, W): first, or after image layers
     top_down: ClassVar[bool] = False  # a step is: begin down, send_back up, finish down
+    classifier_head: ClassVar[bool] = True  # a softmax head reads the layers' activity
 
     def __init__(self, config: LayerConfig, device: str | torch.device = "cpu"):
         self.config = config
@@ -229,6 +230,10 @@ class Layer(ABC):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def end_epoch(self) -> None:
+        """Runs once the epoch's last batch has trained: statistics of the epoch's rows
+        become state here (e.g. a one-class centre), in one process and in a worker."""
 
     def send_back(self, pending: Pending, signal: torch.Tensor) -> torch.Tensor:
         """Top-down kinds: the signal from this layer's output space into its input space

@@ -23,6 +23,7 @@ import torch
 from fedff.errors import ConfigError
 from fedff.ff.layer import FFLayer
 from fedff.layers.contract import Layer, LayerConfig
+from fedff.oneclass.layer import OneClassLayer
 from fedff.pepita.layer import PepitaLayer
 from fedff.uff import cells
 
@@ -37,8 +38,9 @@ KINDS: dict[str, type[Layer]] = {
     "conv-dae": cells.ConvDenoisingAutoencoderCell,
     "gan": cells.GANCell,
     "pepita": PepitaLayer,
+    "oneclass": OneClassLayer,
 }
-SECTIONS: dict[str, str] = {"pepita": "pepita"}  # kind -> its config section
+SECTIONS: dict[str, str] = {"pepita": "pepita", "oneclass": "oneclass"}  # kind -> section
 _plugins_loaded: set[str] = set()
 
 
@@ -137,7 +139,8 @@ def check_kinds(cfg: "Config") -> list[str]:
         raise ConfigError(f"layer kind(s) {refused} train under train.algorithm = "
                           f"{' or '.join(allowed)}, not {algorithm!r}; set model.cell to a "
                           f"kind of that algorithm (e.g. 'pepita' for train.algorithm = "
-                          f"'pepita', 'ff' or a UFF cell otherwise)")
+                          f"'pepita', 'oneclass' for 'oneclass', 'ff' or a UFF cell "
+                          f"otherwise)")
     if cfg.model.collaboration != "none" and not all(c.collaborative for c in classes):
         raise ConfigError("collaborative FF needs FF-goodness layers only; set "
                           "model.collaboration = 'none' with UFF cells")

@@ -49,6 +49,7 @@ class PepitaPending(Pending):
 class PepitaLayer(SGDLayer):
     algorithms = ("pepita",)
     top_down = True
+    classifier_head = False  # the output layer classifies
 
     def __init__(self, config, device: str | torch.device = "cpu"):
         super().__init__(config, device)

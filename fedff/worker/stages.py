@@ -65,6 +65,9 @@ def run_stage(block: LayerBlock, layers: range, job: Job) -> None:
         for j in layers if block.mode != "all" and not block.top_down else ():
             job.packet, metrics = block.train_layer(j, job.packet)
             job.metrics.update(metrics)
+    elif kind == pb.END_EPOCH:  # after this stage's last TRAIN job of the epoch
+        for j in layers:
+            block.layers[j].end_epoch()
     elif kind == pb.EVAL:
         assert job.x is not None
         for j in layers:

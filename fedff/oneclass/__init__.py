@@ -1,0 +1,1 @@
+"""One-class Forward-Forward: anomaly detection learnt from normal data only."""
