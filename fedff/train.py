@@ -152,7 +152,7 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
         last = epoch + 1 == epochs
         if last or (epoch + 1) % cfg.train.eval_every == 0:
             record.update(test_metrics(net, ds, final=last))
-            outer.set_postfix(test_error=f"{100 * record['test_error']:.2f}%")
+            outer.set_postfix(headline(record))
         history.append(record)
         net.epoch = epoch + 1
         files.save({"network": net.state_dict(), "history": history,
@@ -166,6 +166,13 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
     if history and cfg.train.algorithm == "oneclass":
         write_plots(cfg, net, ds, history[-1]["threshold"], out_dir)
     return summary
+
+
+def headline(record: dict[str, Any]) -> dict[str, str]:
+    """What a progress bar shows of an evaluation: AUROC for one-class runs."""
+    if "auroc" in record:
+        return {"auroc": f"{100 * record['auroc']:.2f}%"}
+    return {"test_error": f"{100 * record['test_error']:.2f}%"}
 
 
 def reported_error(cfg: Config) -> str:

@@ -6,8 +6,10 @@ figures (Ruff et al. 2018, MNIST one-class Deep SVDD).
         --objectives hb-svdd sb-svdd ls-svdd goodness goodness-softplus --out runs/oc-table
 
 Each run is `fedff train` (its own folder under --out: metrics, checkpoint, ROC and score
-plots); finished runs are skipped, so an interrupted table resumes. Writes results.json,
-table.md and auroc_per_class.png under --out, and prints the table.
+plots), or with --backprop the same config trained end to end by backprop
+(scripts/baseline_oneclass.py, for reference); finished runs are skipped, so an
+interrupted table resumes. Writes results.json, table.md and auroc_per_class.png under
+--out, and prints the table.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fedff import config as config_mod
-from fedff.report import write_json
-from fedff.train import run
+sys.path.insert(0, str(Path(__file__).parent))  # baseline_oneclass beside this script
+
+from fedff import config as config_mod  # noqa: E402
+from fedff.report import write_json  # noqa: E402
+from fedff.train import run  # noqa: E402
 
 DEEP_SVDD_MNIST = [98.0, 99.7, 91.7, 91.9, 94.9, 88.5, 98.3, 94.6, 93.9, 96.5]  # mean 94.8
 
@@ -38,6 +42,10 @@ def train_one(args: argparse.Namespace, objective: str, k: int) -> dict:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     cfg = config_mod.load(args.config, overrides)
+    if args.backprop:
+        from baseline_oneclass import train_backprop
+
+        return train_backprop(cfg, out)
     return run(cfg, out, show_progress=False)
 
 
@@ -49,7 +57,8 @@ def table(results: dict[str, list[dict]], dataset: str) -> str:
     for objective, runs in results.items():
         aurocs = [100 * r["auroc"] for r in runs]
         seconds = sorted(r["train_seconds"] for r in runs)
-        lines.append(f"| {objective} | " + " | ".join(f"{a:.1f}" for a in aurocs) +
+        name = f"{objective} (backprop)" if runs[0].get("trainer") == "backprop" else objective
+        lines.append(f"| {name} | " + " | ".join(f"{a:.1f}" for a in aurocs) +
                      f" | **{sum(aurocs) / len(aurocs):.2f}** | {runs[0]['epochs']} | "
                      f"{seconds[len(seconds) // 2]:.0f} |")
     if dataset == "mnist":
@@ -89,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--data-dir", default="")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backprop", action="store_true",
+                   help="train end to end by backprop instead (reference only)")
     p.add_argument("--out", type=Path, default=Path("runs/oneclass-table"))
     args = p.parse_args(argv)
     dataset = config_mod.load(args.config, args.overrides).data.dataset
@@ -100,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         results[objective].append({"class": k, "auroc": summary["auroc"],
                                    "average_precision": summary["average_precision"],
                                    "f1": summary["f1"], "epochs": summary["epochs"],
+                                   "trainer": summary.get("trainer", "ff"),
                                    "train_seconds": summary["train_seconds"]})
     text = table(results, dataset)
     print(text)

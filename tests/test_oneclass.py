@@ -248,6 +248,9 @@ def test_a_two_worker_chain_trains_the_weights_and_centres_of_one_process(tmp_pa
 
 def test_federation_clients_hold_only_normal_rows_and_average_the_centre():
     cfg = oneclass("federation.clients=2", "federation.rounds=1", "train.epochs=1")
+    # a supervised run's clients in the same process (cached per process) first
+    supervised = config.load("digits-ff", ["federation.clients=2"])
+    assert len(set(client_data(supervised, 0, 2).train_y.tolist())) == 10
     start = initial_arrays(cfg, spec_of(DIGITS))
     replies = []
     for pid in (0, 1):
@@ -273,3 +276,25 @@ def test_a_simulated_federation_of_normal_data_sites_detects_anomalies(tmp_path)
     assert 0.5 < client_eval["auroc"] <= 1.0, client_eval
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["network"]
     assert saved["layers"][0]["buffers"]["centre"].abs().sum() > 0
+
+
+def test_the_table_script_runs_ff_and_its_backprop_baseline_per_class(tmp_path):
+    import subprocess
+    import sys
+
+    sets = sum((["--set", o] for o in [*ONECLASS, "train.epochs=2"]), [])
+    for extra in ([], ["--backprop"]):
+        out = tmp_path / ("bp" if extra else "ff")
+        done = subprocess.run([sys.executable, "scripts/oneclass_table.py", "--config",
+                               "digits-ff", *sets, "--classes", "3", "5", "--objectives",
+                               "hb-svdd", "sb-svdd", "--out", str(out), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results = json.loads((out / "results.json").read_text())
+        runs = results["results"]["sb-svdd"]
+        assert [r["class"] for r in runs] == [3, 5] and all(0 < r["auroc"] <= 1 for r in runs)
+        assert results["mean_auroc"]["hb-svdd"] == pytest.approx(
+            sum(r["auroc"] for r in results["results"]["hb-svdd"]) / 2)
+        table = (out / "table.md").read_text()
+        assert ("sb-svdd (backprop) |" if extra else "| sb-svdd |") in table
+        assert (out / "auroc_per_class.png").stat().st_size > 1000

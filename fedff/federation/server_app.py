@@ -29,8 +29,8 @@ from fedff.engine.network import FFNetwork
 from fedff.report import plot_learning_curve, write_csv, write_json
 from fedff import files
 from fedff.memory import peak_rss_mb
-from fedff.train import (CHECKPOINT, DETECTION, PROBES, load_data, reported_error,
-                         test_metrics)
+from fedff.train import (CHECKPOINT, DETECTION, PROBES, headline, load_data,
+                         reported_error, test_metrics)
 
 logger = logging.getLogger("fedff.federation")
 
@@ -113,7 +113,7 @@ class Coordinator:
         self.done = log.round
         self.save()
         self.bar.update(1)
-        self.bar.set_postfix(test_error=f"{100 * record['test_error']:.2f}%",
+        self.bar.set_postfix(**headline(record),
                              clients=log.replies)
         return MetricRecord(error_metrics(result, int(self.data.test_x.shape[0])))
 

@@ -122,9 +122,9 @@ def client_data(cfg: Config, partition_id: int, num_partitions: int) -> Dataset:
     Cached per process: a simulation runs many clients in each worker process, and a
     SuperNode calls its ClientApp every round.
     """
-    d, f = cfg.data, cfg.federation
-    key = (d.dataset, d.data_dir, d.train_limit, d.test_limit, f.partitioner, f.alpha,
-           f.classes_per_client, cfg.train.seed, partition_id, num_partitions)
+    f = cfg.federation
+    key = (*_data_key(cfg), f.partitioner, f.alpha, f.classes_per_client, cfg.train.seed,
+           partition_id, num_partitions)
     if key not in _DATA:
         full = _full_data(cfg)
         train = partition_indices(full.train_y, f, partition_id, num_partitions,
@@ -144,9 +144,18 @@ def client_data(cfg: Config, partition_id: int, num_partitions: int) -> Dataset:
 _FULL: dict[tuple, Dataset] = {}
 
 
+def _data_key(cfg: Config) -> tuple:
+    """What decides the rows `load_data` returns and what a client keeps of their labels
+    (a one-class run: its normal class; an unsupervised one: none)."""
+    d, o = cfg.data, cfg.oneclass
+    one_class = (o.normal, o.contamination, cfg.train.seed) \
+        if cfg.train.algorithm == "oneclass" else None
+    return (d.dataset, d.data_dir, d.train_limit, d.test_limit, cfg.train.algorithm,
+            one_class)
+
+
 def _full_data(cfg: Config) -> Dataset:
-    d = cfg.data
-    key = (d.dataset, d.data_dir, d.train_limit, d.test_limit)
+    key = _data_key(cfg)
     if key not in _FULL:
         _FULL[key] = load_data(cfg)
     return _FULL[key]
