@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # baseline_oneclass beside this 
 
 from fedff import config as config_mod  # noqa: E402
 from fedff.report import write_json  # noqa: E402
-from fedff.train import run  # noqa: E402
+from fedff.train import TrainingDiverged, run  # noqa: E402
 
 DEEP_SVDD_MNIST = [98.0, 99.7, 91.7, 91.9, 94.9, 88.5, 98.3, 94.6, 93.9, 96.5]  # mean 94.8
 
@@ -42,11 +42,23 @@ def train_one(args: argparse.Namespace, objective: str, k: int) -> dict:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     cfg = config_mod.load(args.config, overrides)
-    if args.backprop:
-        from baseline_oneclass import train_backprop
+    try:
+        if args.backprop:
+            from baseline_oneclass import train_backprop
 
-        return train_backprop(cfg, out)
-    return run(cfg, out, show_progress=False)
+            return train_backprop(cfg, out)
+        return run(cfg, out, show_progress=False)
+    except TrainingDiverged as e:  # a row of the table, not the end of it
+        print(f"{objective}, class {k}: {e}", file=sys.stderr)
+        return {"auroc": None, "average_precision": None, "f1": None, "epochs": "diverged",
+                "train_seconds": 0.0}
+
+
+def mean_auroc(runs: list[dict]) -> float | None:
+    """The mean over classes; None if any class diverged (no mean of a partial row)."""
+    if any(r["auroc"] is None for r in runs):
+        return None
+    return sum(r["auroc"] for r in runs) / len(runs)
 
 
 def table(results: dict[str, list[dict]], dataset: str) -> str:
@@ -55,11 +67,14 @@ def table(results: dict[str, list[dict]], dataset: str) -> str:
         " | mean | epochs | wall s (median per class) |"
     lines = [head, "|" + " --- |" * (classes + 4)]
     for objective, runs in results.items():
-        aurocs = [100 * r["auroc"] for r in runs]
-        seconds = sorted(r["train_seconds"] for r in runs)
+        cells = ["diverged" if r["auroc"] is None else f"{100 * r['auroc']:.1f}" for r in runs]
+        trained = [r for r in runs if r["auroc"] is not None]
+        seconds = sorted(r["train_seconds"] for r in trained) or [0.0]
         name = f"{objective} (backprop)" if runs[0].get("trainer") == "backprop" else objective
-        lines.append(f"| {name} | " + " | ".join(f"{a:.1f}" for a in aurocs) +
-                     f" | **{sum(aurocs) / len(aurocs):.2f}** | {runs[0]['epochs']} | "
+        mean = mean_auroc(runs)
+        lines.append(f"| {name} | {' | '.join(cells)} | "
+                     f"**{'-' if mean is None else f'{100 * mean:.2f}'}** | "
+                     f"{trained[0]['epochs'] if trained else '-'} | "
                      f"{seconds[len(seconds) // 2]:.0f} |")
     if dataset == "mnist":
         lines.append("| Deep SVDD (Ruff et al. 2018) | " +
@@ -75,7 +90,9 @@ def plot(results: dict[str, list[dict]], dataset: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for objective, runs in results.items():
-        ax.plot(range(len(runs)), [100 * r["auroc"] for r in runs], marker="o", label=objective)
+        ax.plot([r["class"] for r in runs if r["auroc"] is not None],
+                [100 * r["auroc"] for r in runs if r["auroc"] is not None], marker="o",
+                label=objective)
     if dataset == "mnist":
         ax.plot(range(10), DEEP_SVDD_MNIST, marker="x", linestyle=":", color="black",
                 label="Deep SVDD (published)")
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config, "overrides": args.overrides, "dataset": dataset,
         "wall_seconds": time.perf_counter() - started,
         "results": results,
-        "mean_auroc": {o: sum(r["auroc"] for r in rs) / len(rs) for o, rs in results.items()}})
+        "mean_auroc": {o: mean_auroc(rs) for o, rs in results.items()}})
     plot(results, dataset, args.out / "auroc_per_class.png")
     return 0
 

@@ -268,7 +268,7 @@ def test_a_simulated_federation_of_normal_data_sites_detects_anomalies(tmp_path)
     from fedff.federation.simulation import simulate
 
     cfg = oneclass("federation.clients=2", "federation.rounds=3", "federation.min_clients=2",
-                   "federation.round_timeout=60", "federation.connect_timeout=60")
+                   "federation.round_timeout=120", "federation.connect_timeout=120")
     summary = simulate(cfg, tmp_path, show_progress=False)
     assert [r["replies"] for r in summary["history"]] == [2, 2, 2]
     assert summary["auroc"] > 0.9, summary["auroc"]
