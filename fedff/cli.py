@@ -31,8 +31,8 @@ EXAMPLES = """examples:
   fedff score runs/oc3/checkpoint.pt --input rows.npy --out scores.csv
   fedff configs mnist-ff-3x1000                 # print a named config
   fedff pipeline --local 3 --config mnist-ff-3x1000 --set train.negatives=random
-  fedff worker --listen 0.0.0.0:7001            # one layer worker (on each machine)
-  fedff pipeline --workers hostA:7001,hostB:7001,hostC:7001 --config mnist-ff-3x1000 ...
+  fedff worker --listen 0.0.0.0:7001 --token-file token   # a worker on each machine
+  fedff pipeline --workers hostA:7001,hostB:7001,hostC:7001 --token-file token ...
 """
 
 
@@ -57,6 +57,9 @@ def _add_security(p: argparse.ArgumentParser) -> None:
                    help="name to check in the workers' certificates (default: the host)")
     g.add_argument("--token-file", metavar="FILE",
                    help="shared bearer token every call must carry (or $FEDFF_TOKEN)")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback worker address without --token-file or --mtls "
+                        "(anyone who reaches the port can drive the worker); logs a warning")
 
 
 def _add_run_options(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -125,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A layer worker. It waits for a driver to configure it (which layers, "
         "what comes next), trains on the stream from the previous worker and sends its "
         "output on. Restarted with the same --checkpoint-dir, it resumes where it stopped.")
-    wk.add_argument("--listen", default="0.0.0.0:7001", metavar="HOST:PORT",
-                    help="address to serve on (port 0: any free port; default 0.0.0.0:7001)")
+    wk.add_argument("--listen", default="127.0.0.1:7001", metavar="HOST:PORT",
+                    help="address to serve on (port 0: any free port; default 127.0.0.1:7001, "
+                         "this machine only; another address needs --token-file or --mtls, "
+                         "or --insecure)")
     wk.add_argument("--name", default="worker", help="name in logs and status")
     wk.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
                     help="where to checkpoint; a restart resumes from here")
@@ -229,7 +234,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         local=args.local or 0, worker_threads=args.worker_threads,
         window=args.window or (1 if cfg.train.algorithm == "pepita" else 4),
         checkpoint_every=args.checkpoint_every, keep_workers=args.keep_workers,
-        worker_args=_security_args(args))
+        worker_args=_security_args(args), insecure=args.insecure)
     summary = run_pipeline(cfg, Path(args.out), options, _security(args),
                            show_progress=not args.quiet, resume=args.resume)
     line = {k: summary[k] for k in ("test_error", "error_head", "error_goodness", "epochs",
@@ -254,7 +259,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             checkpoint_every=args.checkpoint_every, window=args.window,
                             device=str(resolve_device(args.device)), next_address=args.next,
                             max_batch_bytes=args.max_batch_mb * 2**20)
-    server = WorkerServer(args.listen, options, _security(args), threads=args.threads)
+    server = WorkerServer(args.listen, options, _security(args), threads=args.threads,
+                          insecure=args.insecure)
     server.start(args.ready_file)
     print(f"fedff worker {args.name} listening on {server.address}", flush=True)
     server.wait()

@@ -49,7 +49,8 @@ def node_config(cfg: Config, node: dict[str, Any]) -> tuple[Config, int, int, li
 def _pipeline_builder(addresses: list[str], node: dict[str, Any]):
     """Builds the Pipeline over this site's workers, with the node config's worker TLS
     (`worker-tls-ca`, `worker-tls-cert`, `worker-tls-key`, `worker-mtls`) and token
-    (`worker-token-file`), the same settings as `fedff pipeline`'s flags."""
+    (`worker-token-file`), the same settings as `fedff pipeline`'s flags; workers off
+    this host without a token or mTLS need `worker-insecure=true`."""
     from fedff.pipeline.driver import Pipeline
     from fedff.wire.security import Security
 
@@ -61,7 +62,8 @@ def _pipeline_builder(addresses: list[str], node: dict[str, Any]):
                                   get("worker-token-file"))
 
     def build(cfg: Config, spec):
-        return Pipeline(cfg, spec, addresses, security)
+        return Pipeline(cfg, spec, addresses, security,
+                        insecure=str(node.get("worker-insecure", "")).lower() in ("1", "true"))
     return build
 
 

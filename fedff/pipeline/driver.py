@@ -11,6 +11,8 @@ in-process checkpoint format, so `fedff eval` scores a pipeline run as it is.
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +31,12 @@ from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
 from fedff.wire.frames import Batch, decode_feedback
 from fedff.wire.link import Link, PeerError
-from fedff.wire.security import Security
+from fedff.wire.security import Security, check_exposure
 from fedff.wire.state import read_state, state_chunks
 
 CONTROL_TIMEOUT = 60.0
+REPORT_EVERY = 5.0  # seconds between "waiting for worker" lines
+log = logging.getLogger("fedff.pipeline")
 
 
 def split_layers(n_layers: int, n_workers: int) -> list[tuple[int, int]]:
@@ -65,8 +69,10 @@ def check_pipeline_config(cfg: Config) -> None:
 class Pipeline:
     def __init__(self, cfg: Config, spec: InputSpec, addresses: list[str],
                  security: Security = Security(), window: int = 4,
-                 connect_timeout: float = 60.0, give_up_after: float | None = 600.0):
+                 connect_timeout: float = 60.0, give_up_after: float | None = 600.0,
+                 insecure: bool = False):
         check_pipeline_config(cfg)
+        check_exposure(addresses, security, insecure, "drive")
         self.cfg, self.spec, self.addresses, self.security = cfg, spec, addresses, security
         self.device = torch.device("cpu")
         self.supervised = cfg.train.algorithm == "supervised"
@@ -104,13 +110,23 @@ class Pipeline:
                 "downstream": None if last_worker else self.addresses[i + 1]}
 
     def _wait_ready(self, timeout: float) -> None:
+        """Waits for every worker, saying every few seconds which one and what to check."""
         for address, channel in zip(self.addresses, self._channels):
-            try:
-                grpc.channel_ready_future(channel).result(timeout=timeout)
-            except grpc.FutureTimeoutError as e:
-                raise PeerError(f"worker {address} not reachable after {timeout:.0f} s; start "
-                                f"it with `fedff worker --listen {address}` (and the same "
-                                f"TLS/token flags as this driver)") from e
+            ready, started = grpc.channel_ready_future(channel), time.monotonic()
+            while True:
+                waited = time.monotonic() - started
+                try:
+                    ready.result(timeout=min(REPORT_EVERY, max(0.0, timeout - waited)))
+                    break
+                except grpc.FutureTimeoutError as e:
+                    waited = time.monotonic() - started
+                    if waited >= timeout:
+                        raise PeerError(f"worker {address} not reachable after {timeout:.0f} "
+                                        f"s; start it with `fedff worker --listen {address}` "
+                                        f"(and the same TLS/token flags as this driver)") from e
+                    log.warning("waiting for worker %s (%.0f s of %.0f): is `fedff worker` "
+                                "running there, is the port open from here, and do its "
+                                "TLS flags match this driver's?", address, waited, timeout)
 
     def _control(self, i: int, command: int, config_json: str = "") -> pb.WorkerStatus:
         try:
@@ -258,6 +274,7 @@ class ChainOptions:
     window: int = 4
     checkpoint_every: int = 100
     keep_workers: bool = False  # remote workers: leave them running afterwards
+    insecure: bool = False  # drive remote workers without a token or mutual TLS
     worker_args: list[str] = field(default_factory=list)  # e.g. TLS flags for local workers
 
 
@@ -273,7 +290,8 @@ def run_pipeline(cfg: Config, out: Path, options: ChainOptions,
 
     def build(cfg: Config, ds: Any, device: torch.device) -> Pipeline:
         spec = InputSpec(ds.features, ds.image_shape, ds.num_classes)
-        pipelines.append(Pipeline(cfg, spec, addresses, security, window=options.window))
+        pipelines.append(Pipeline(cfg, spec, addresses, security, window=options.window,
+                                  insecure=options.insecure))
         return pipelines[-1]
 
     def give_up(reason: str) -> None:  # the launcher stopped restarting a worker

@@ -8,6 +8,8 @@ reaches the servicer: TLS fails the handshake, the token check answers UNAUTHENT
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import grpc
 from fedff.errors import FedffError
 
 TOKEN_ENV = "FEDFF_TOKEN"
+logger = logging.getLogger("fedff.security")
 # Keepalive on every channel: a dead peer is noticed in ~30 s even on an idle stream.
 _BOTH = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -79,6 +82,11 @@ class Security:
     def tls(self) -> bool:
         return self.ca is not None or self.cert is not None
 
+    @property
+    def authenticated(self) -> bool:
+        """A peer must prove who it is: a shared token, or a client certificate."""
+        return bool(self.token) or self.mutual
+
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if not self.tls:
             return None
@@ -135,3 +143,34 @@ def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | No
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(abort)
     return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def is_loopback(address: str) -> bool:
+    """True for HOST:PORT on this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name (or 0.0.0.0, [::]): reachable from elsewhere
+
+
+def check_exposure(addresses: list[str], security: Security, insecure: bool, role: str) -> None:
+    """Secure by default: serving on (`role="serve"`) or driving (`"drive"`) workers at
+    an address other hosts can reach needs a token or mutual TLS, unless the user chose
+    `--insecure`, which is logged as a warning."""
+    exposed = [a for a in addresses if not is_loopback(a)]
+    if not exposed or security.authenticated:
+        return
+    what = (f"serving on {exposed[0]} without credentials lets anyone who reaches the "
+            f"port reconfigure this worker, read or overwrite its weights and redirect "
+            f"its activations" if role == "serve" else
+            f"driving workers at {', '.join(exposed)} without credentials sends your data "
+            f"to whoever answers there")
+    if insecure:
+        logger.warning("--insecure: %s", what)
+        return
+    raise SecurityError(f"{what}; add --token-file FILE (or ${TOKEN_ENV}) or --mtls with "
+                        f"--tls-ca/--tls-cert/--tls-key (the same on every worker and the "
+                        f"driver), use a loopback address, or pass --insecure to accept it")

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedff import files
 from fedff.wire.rpc import SERVICE, add_worker_to_server
-from fedff.wire.security import SERVER_OPTIONS, Security, TokenInterceptor
+from fedff.wire.security import SERVER_OPTIONS, Security, TokenInterceptor, check_exposure
 from fedff.worker.options import WorkerOptions
 from fedff.worker.servicer import LayerWorkerServicer
 
@@ -31,7 +31,8 @@ class WorkerServer:
     """A running worker; `stop()` (or SIGTERM / SIGINT) checkpoints and frees the port."""
 
     def __init__(self, listen: str, options: WorkerOptions, security: Security = Security(),
-                 threads: int = 0):
+                 threads: int = 0, insecure: bool = False):
+        check_exposure([listen], security, insecure, "serve")
         if threads:
             torch.set_num_threads(threads)
         self._stopped = threading.Event()
