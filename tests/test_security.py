@@ -95,3 +95,90 @@ def test_a_waiting_driver_reports_every_few_seconds_then_fails(monkeypatch, capl
     waits = [r.getMessage() for r in caplog.records if "waiting for worker" in r.getMessage()]
     assert len(waits) >= 2 and "127.0.0.1:9" in waits[0] and "TLS flags" in waits[0], waits
     assert time.monotonic() - started < 10
+
+
+def test_undecodable_bytes_get_invalid_argument_on_every_rpc_and_change_nothing(tmp_path):
+    import grpc
+    import torch
+
+    from fedff.v1 import worker_pb2 as pb
+    from fedff.v1 import worker_pb2_grpc as pb_grpc
+    from fedff.wire.rpc import SERVICE
+    from test_pipeline import configure, good_batch, serve, train_call
+
+    server = serve(tmp_path)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        configure(channel)
+        before = {k: v.clone() for k, v in server.servicer.block.layers[0].module.state_dict()
+                  .items()}
+        garbage = [b"\xff\xff\xff\xff", b"\x0a\xff\x01", bytes(range(256)) * 4]
+        kinds = {"Control": channel.unary_unary, "GetState": channel.unary_stream,
+                 "SetState": channel.stream_unary, "Train": channel.stream_stream,
+                 "Forward": channel.stream_stream}
+        for method, kind in kinds.items():
+            call = kind(f"/{SERVICE}/{method}")  # no serializer: the bytes go as they are
+            for raw in garbage:
+                request = raw if method in ("Control", "GetState") else iter([raw])
+                with pytest.raises(grpc.RpcError) as err:
+                    reply = call(request, timeout=10)
+                    list(reply) if method in ("GetState", "Train", "Forward") else reply
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, raw[:4])
+                assert "not a valid fedff.v1 message" in err.value.details()
+        after = server.servicer.block.layers[0].module.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        status = pb_grpc.LayerWorkerStub(channel).Control(pb.ControlRequest(command=pb.STATUS),
+                                                          timeout=10)
+        assert status.configured and status.trained_through == 0
+        replies = train_call(channel, [good_batch(1)])
+        assert any(r.ack.batch_id == 1 for r in replies if r.HasField("ack"))
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_sigterm_stops_a_worker_within_seconds_after_hundreds_of_bad_messages(tmp_path):
+    import signal
+
+    import grpc
+
+    from fedff.wire.rpc import SERVICE
+
+    log = open(tmp_path / "worker.log", "w")  # a file: a full pipe would block the worker
+    proc = subprocess.Popen([sys.executable, "-m", "fedff", "worker", "--listen", "127.0.0.1:0",
+                             "--ready-file", str(tmp_path / "ready"), "--checkpoint-dir",
+                             str(tmp_path / "ckpt")],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        channel = grpc.insecure_channel((tmp_path / "ready").read_text().strip())
+        calls = [channel.unary_unary(f"/{SERVICE}/Control"),
+                 channel.stream_stream(f"/{SERVICE}/Train"),
+                 channel.stream_unary(f"/{SERVICE}/SetState"),
+                 channel.stream_stream(f"/{SERVICE}/Forward")]
+        codes = set()
+        for i in range(300):
+            call, raw = calls[i % 4], bytes([i % 251]) * (1 + i % 7)
+            try:
+                reply = call(raw if i % 4 == 0 else iter([raw, raw]), timeout=5)
+                if i % 4 in (1, 3):
+                    list(reply)
+            except grpc.RpcError as e:
+                codes.add(e.code())
+        channel.close()
+        assert grpc.StatusCode.INTERNAL not in codes, codes
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert time.monotonic() - started < 10 and proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "worker.log").read_text()
+    assert text.count("Traceback") == 0, text[-2000:]
+    assert len(text.splitlines()) < 200, len(text.splitlines())  # was a traceback per message

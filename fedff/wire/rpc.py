@@ -4,16 +4,19 @@ The generated code (fedff/v1) serialises frames with protobuf, which copies the 
 bytes several times. The two streaming methods that carry tensors (Train requests,
 Forward both ways) use `serialize_frame` / `parse_frame` instead: the same wire format,
 one copy per side. Everything else is the generated code's. A peer that uses only the
-generated code interoperates.
+generated code interoperates. A request that does not parse at all is answered
+INVALID_ARGUMENT, in every method, like any other malformed message.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, Iterator
 
 import grpc
 
 from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
-from fedff.wire.frames import parse_frame, serialize_frame
+from fedff.wire.frames import WireError, parse_frame, serialize_frame
 
 SERVICE = "fedff.v1.LayerWorker"
 
@@ -28,22 +31,67 @@ def forward_method(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
                                  response_deserializer=parse_frame)
 
 
+class Undecodable:
+    """A request whose bytes did not parse: it reaches the method as this, so the method
+    answers INVALID_ARGUMENT (gRPC itself would answer INTERNAL and log a traceback)."""
+
+    def __init__(self, method: str, error: Exception):
+        self.message = (f"{method}: the request is not a valid fedff.v1 message "
+                        f"({type(error).__name__}: {error}); is the peer a fedff driver or "
+                        f"worker of the same protocol version?")
+
+
+def tolerant(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - whatever a stranger sent: refused below
+            return Undecodable(method, e)
+    return deserialize
+
+
+def checked(requests: Iterator[Any]) -> Iterator[Any]:
+    """A request stream that raises WireError (INVALID_ARGUMENT in every streaming
+    method) at the first message that did not parse."""
+    for request in requests:
+        if isinstance(request, Undecodable):
+            raise WireError(request.message)
+        yield request
+
+
+def _unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return behavior(request, context)
+    return call
+
+
+def _streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return behavior(checked(requests), context)
+    return call
+
+
 def add_worker_to_server(servicer: pb_grpc.LayerWorkerServicer, server: grpc.Server) -> None:
     handlers = {
         "Train": grpc.stream_stream_rpc_method_handler(
-            servicer.Train, request_deserializer=parse_frame,
+            _streaming(servicer.Train), request_deserializer=tolerant("Train", parse_frame),
             response_serializer=pb.TrainReply.SerializeToString),
         "Forward": grpc.stream_stream_rpc_method_handler(
-            servicer.Forward, request_deserializer=parse_frame,
+            _streaming(servicer.Forward), request_deserializer=tolerant("Forward", parse_frame),
             response_serializer=serialize_frame),
         "GetState": grpc.unary_stream_rpc_method_handler(
-            servicer.GetState, request_deserializer=pb.StateRequest.FromString,
+            _unary(servicer.GetState),
+            request_deserializer=tolerant("GetState", pb.StateRequest.FromString),
             response_serializer=pb.StateChunk.SerializeToString),
         "SetState": grpc.stream_unary_rpc_method_handler(
-            servicer.SetState, request_deserializer=pb.StateChunk.FromString,
+            _streaming(servicer.SetState),
+            request_deserializer=tolerant("SetState", pb.StateChunk.FromString),
             response_serializer=pb.WorkerStatus.SerializeToString),
         "Control": grpc.unary_unary_rpc_method_handler(
-            servicer.Control, request_deserializer=pb.ControlRequest.FromString,
+            _unary(servicer.Control),
+            request_deserializer=tolerant("Control", pb.ControlRequest.FromString),
             response_serializer=pb.WorkerStatus.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

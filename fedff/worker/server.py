@@ -76,11 +76,13 @@ class WorkerServer:
         self.servicer.close_session()
         self.servicer.checkpoint_now()
         self.servicer.close()
-        self.server.stop(grace).wait()
+        if not self.server.stop(grace).wait(grace + 5.0):  # bounded: SIGTERM must end it
+            log.warning("%s: calls still running %.0f s after stop; exiting anyway",
+                        self.servicer.opt.name, grace + 5.0)
 
     def wait(self) -> None:
         """Serves until stopped by a signal or a SHUTDOWN command."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop_soon())
         self._stopped.wait()
-        self.server.wait_for_termination()
+        self.server.wait_for_termination(timeout=10.0)
