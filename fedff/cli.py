@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where this worker's layers live (default cpu)")
     wk.add_argument("--max-batch-mb", type=int, default=512, metavar="MB",
                     help="refuse batches larger than this (default 512)")
+    wk.add_argument("--max-params", type=int, default=0, metavar="N",
+                    help="refuse a CONFIGURE whose block has more parameters (default: a "
+                         "quarter of this machine's RAM at 16 bytes each)")
     wk.add_argument("--ready-file", type=Path, metavar="FILE",
                     help="write the address served on to FILE once listening")
     wk.add_argument("--exit-with-parent", type=int, metavar="PID",
@@ -258,7 +261,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     options = WorkerOptions(name=args.name, checkpoint_dir=args.checkpoint_dir,
                             checkpoint_every=args.checkpoint_every, window=args.window,
                             device=str(resolve_device(args.device)), next_address=args.next,
-                            max_batch_bytes=args.max_batch_mb * 2**20)
+                            max_batch_bytes=args.max_batch_mb * 2**20,
+                            max_params=args.max_params)
     server = WorkerServer(args.listen, options, _security(args), threads=args.threads,
                           insecure=args.insecure)
     server.start(args.ready_file)

@@ -182,3 +182,38 @@ def test_sigterm_stops_a_worker_within_seconds_after_hundreds_of_bad_messages(tm
     text = (tmp_path / "worker.log").read_text()
     assert text.count("Traceback") == 0, text[-2000:]
     assert len(text.splitlines()) < 200, len(text.splitlines())  # was a traceback per message
+
+
+def test_a_configure_larger_than_max_params_is_refused_before_anything_is_allocated(tmp_path):
+    import json
+
+    import grpc
+
+    from fedff.memory import rss_mb
+    from fedff.v1 import worker_pb2 as pb
+    from fedff.v1 import worker_pb2_grpc as pb_grpc
+    from test_pipeline import configure, serve
+
+    def setup(hidden: list[int]) -> str:
+        cfg = config.load("digits-ff", ["train.negatives=random", f"model.hidden={hidden}"])
+        return json.dumps({"config": cfg.to_dict(), "features": 64, "num_classes": 10,
+                           "first": 0, "last": len(hidden), "head": True, "downstream": None})
+
+    server = serve(tmp_path, max_params=200_000)
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.LayerWorkerStub(channel)
+    try:
+        configure(channel)  # a small block: accepted
+        before = rss_mb()
+        for hidden in ([100_000, 100_000], [500, 500]):  # 1e10 parameters; 0.28 M > 0.2 M
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Control(pb.ControlRequest(command=pb.CONFIGURE, config_json=setup(hidden)),
+                             timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "more than this worker's --max-params 200,000" in err.value.details()
+        assert rss_mb() - before < 50
+        status = stub.Control(pb.ControlRequest(command=pb.STATUS), timeout=10)
+        assert status.configured and status.last_layer == 3  # the accepted block stays
+    finally:
+        channel.close()
+        server.stop()

@@ -28,9 +28,10 @@ from fedff.wire.frames import Batch, WireError, decode_feedback, header_for, pay
 from fedff.wire.link import Link
 from fedff.wire.security import Security
 from fedff.worker import checkpoints, codec, top_down
-from fedff.worker.options import WorkerOptions
+from fedff.worker.options import WorkerOptions, default_max_params
 from fedff.worker.session import InFlight, Session
 from fedff.worker.stages import Inline, Job, Stager, make_runner
+from fedff.layers import registry
 from fedff.layers.contract import Pending
 
 log = logging.getLogger("fedff.worker")
@@ -67,6 +68,7 @@ class WorkerCore:
         """A fresh block, link and caches for `setup` (what Control(CONFIGURE) carries)."""
         try:
             cfg = from_dict(setup["config"])
+            self._check_size(cfg, setup)
             block = LayerBlock(cfg, int(setup["features"]), int(setup["num_classes"]),
                                int(setup["first"]), int(setup["last"]), bool(setup["head"]),
                                self.opt.device)
@@ -92,6 +94,20 @@ class WorkerCore:
                                  window=self.opt.window, chunk_bytes=self.opt.chunk_bytes,
                                  retain=2 * self.opt.checkpoint_every + 4 * self.opt.window,
                                  name=self.opt.name)
+
+    def _check_size(self, cfg: Any, setup: dict[str, Any]) -> None:
+        """Refuses, before anything is allocated, a block larger than --max-params (its
+        dense size: in x out + out per layer, an upper bound for conv cells)."""
+        limit = self.opt.max_params or default_max_params()
+        layers = registry.layer_configs(cfg, int(setup["features"]))
+        first, last = int(setup["first"]), int(setup["last"])
+        params = sum(c.in_features * c.out_features + c.out_features
+                     for c in layers[first:last])
+        if params > limit:
+            raise ConfigError(f"CONFIGURE asks for a block of {params:,} parameters (layers "
+                              f"[{first}, {last})), more than this worker's --max-params "
+                              f"{limit:,}; start the worker with a larger --max-params, or "
+                              f"split the network over more workers")
 
     def load(self, state: dict[str, Any]) -> None:
         assert self.block is not None

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedff.wire.frames import CHUNK_BYTES, MAX_BATCH_BYTES
+
+
+def default_max_params() -> int:
+    """A block's parameters this machine can hold with room to spare: each takes about
+    16 bytes (weight, gradient, momentum, a snapshot), and a quarter of the RAM is the
+    budget."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 2**30
+    return ram // 64
 
 
 @dataclass
@@ -19,3 +31,4 @@ class WorkerOptions:
     max_batch_bytes: int = MAX_BATCH_BYTES
     chunk_bytes: int = CHUNK_BYTES
     ack_cache: int = 1024
+    max_params: int = 0  # refuse a CONFIGURE whose block is larger (0: default_max_params())
