@@ -26,14 +26,12 @@ from flwr.app import Array, ArrayRecord
 from fedff.config import Config, ConfigError
 from fedff.data.datasets import Dataset
 from fedff.federation.partitions import partition_indices
-from fedff.engine.evaluate import evaluate
 from fedff.engine.head import LinearHead
 from fedff.engine.network import UNLABELLED, FFNetwork, InputSpec, Network
 from fedff.errors import ShapeError
 from fedff.layers import registry
 from fedff.layers.contract import Layer
-from fedff.oneclass.metrics import oneclass_metrics
-from fedff.train import Progress, load_data, train_epoch
+from fedff.train import Progress, load_data, test_metrics, train_epoch
 
 def federated(cfg: Config) -> Config:
     """The config a client trains with: the lr schedule spans the whole federation."""
@@ -211,9 +209,7 @@ def client_evaluate(cfg: Config, ds: Dataset, global_arrays: ArrayRecord
         return {"num-examples": int(ds.test_x.shape[0])}
     net = FFNetwork(federated(cfg), spec_of(ds))
     load_network_arrays(net, global_arrays)
-    if cfg.train.algorithm == "oneclass":  # threshold from the client's own rows
-        return error_metrics(oneclass_metrics(net, ds), int(ds.test_x.shape[0]))
-    return error_metrics(evaluate(net, ds.test_x, ds.test_y), int(ds.test_x.shape[0]))
+    return error_metrics(test_metrics(net, ds), int(ds.test_x.shape[0]))
 
 
 def error_metrics(result: dict[str, Any], examples: int) -> dict[str, float]:

@@ -91,11 +91,12 @@ class OneClassLayer(SGDLayer):
         return objectives.loss_and_grad(self.config.objective, h, self.centre,
                                         float(self.radius), o["c"], o["nu"])
 
-    def anomaly_score(self, h: torch.Tensor) -> torch.Tensor:
-        """The loss, or for the goodness losses g - c: sigmoid and softplus of it rank
-        the same but saturate in float32 for g of a few hundred."""
+    def anomaly_score(self, h: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss (`loss`, when already computed), or for the goodness losses g - c:
+        sigmoid and softplus of it rank the same but saturate in float32 for g of a few
+        hundred."""
         if self.config.objective in objectives.CENTRED:
-            return self.loss_and_grad(h)[0]
+            return self.loss_and_grad(h)[0] if loss is None else loss
         return h.square().sum(dim=1) - self.config.options["c"]
 
     @torch.no_grad()
@@ -128,7 +129,7 @@ class OneClassLayer(SGDLayer):
             self.module.bias.grad = d_z.sum(dim=0)
             self.optimizers["main"].step()
             self.steps += 1
-        return LayerResult(out=h, score=self.anomaly_score(h), metrics=metrics)
+        return LayerResult(out=h, score=self.anomaly_score(h, loss), metrics=metrics)
 
     @torch.no_grad()
     def batch_statistics(self, h: torch.Tensor) -> None:

@@ -112,21 +112,21 @@ class Pipeline:
     def _wait_ready(self, timeout: float) -> None:
         """Waits for every worker, saying every few seconds which one and what to check."""
         for address, channel in zip(self.addresses, self._channels):
-            ready, started = grpc.channel_ready_future(channel), time.monotonic()
+            ready, deadline = grpc.channel_ready_future(channel), time.monotonic() + timeout
             while True:
-                waited = time.monotonic() - started
                 try:
-                    ready.result(timeout=min(REPORT_EVERY, max(0.0, timeout - waited)))
+                    ready.result(timeout=max(0.0, min(REPORT_EVERY, deadline - time.monotonic())))
                     break
                 except grpc.FutureTimeoutError as e:
-                    waited = time.monotonic() - started
-                    if waited >= timeout:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         raise PeerError(f"worker {address} not reachable after {timeout:.0f} "
                                         f"s; start it with `fedff worker --listen {address}` "
                                         f"(and the same TLS/token flags as this driver)") from e
                     log.warning("waiting for worker %s (%.0f s of %.0f): is `fedff worker` "
                                 "running there, is the port open from here, and do its "
-                                "TLS flags match this driver's?", address, waited, timeout)
+                                "TLS flags match this driver's?", address, timeout - left,
+                                timeout)
 
     def _control(self, i: int, command: int, config_json: str = "") -> pb.WorkerStatus:
         try:
