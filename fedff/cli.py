@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local workers checkpoint every N batches (default 100)")
     pipe.add_argument("--keep-workers", action="store_true",
                       help="with --workers: leave them running afterwards (default: shut down)")
+    pipe.add_argument("--reset-workers", action="store_true",
+                      help="with --workers: take over workers that still serve another run "
+                           "(its checkpoint is kept as previous-run.pt); without it they "
+                           "refuse this run")
     _add_security(pipe)
 
     wk = sub.add_parser(
@@ -138,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                     help="checkpoint every N batches (and at every epoch end; default 100)")
     wk.add_argument("--next", metavar="HOST:PORT",
-                    help="the next worker's address as seen from here (default: the "
-                         "address the driver names)")
+                    help="the next worker's address as seen from here; the driver's choice "
+                         "is then ignored (default: the address the driver names, where "
+                         "--allow-downstream allows it)")
+    wk.add_argument("--allow-downstream", action="append", default=[], metavar="HOST:PORT",
+                    help="an address the driver may name as this worker's next (repeat or "
+                         "comma-separate; default without --next: loopback addresses only)")
     wk.add_argument("--window", type=int, default=4, metavar="N",
                     help="batches in flight to the next worker (default 4)")
     wk.add_argument("--threads", type=int, default=0, metavar="N",
@@ -237,7 +245,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         local=args.local or 0, worker_threads=args.worker_threads,
         window=args.window or (1 if cfg.train.algorithm == "pepita" else 4),
         checkpoint_every=args.checkpoint_every, keep_workers=args.keep_workers,
-        worker_args=_security_args(args), insecure=args.insecure)
+        worker_args=_security_args(args), insecure=args.insecure,
+        reset_workers=args.reset_workers)
     summary = run_pipeline(cfg, Path(args.out), options, _security(args),
                            show_progress=not args.quiet, resume=args.resume)
     line = {k: summary[k] for k in ("test_error", "error_head", "error_goodness", "epochs",
@@ -261,6 +270,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     options = WorkerOptions(name=args.name, checkpoint_dir=args.checkpoint_dir,
                             checkpoint_every=args.checkpoint_every, window=args.window,
                             device=str(resolve_device(args.device)), next_address=args.next,
+                            allow_downstream=tuple(a.strip() for v in args.allow_downstream
+                                                   for a in v.split(",") if a.strip()),
                             max_batch_bytes=args.max_batch_mb * 2**20,
                             max_params=args.max_params)
     server = WorkerServer(args.listen, options, _security(args), threads=args.threads,

@@ -27,7 +27,7 @@ from fedff.v1 import worker_pb2_grpc as pb_grpc
 from fedff.wire.frames import Batch, encode
 from fedff.wire.rpc import train_method
 from fedff.wire.link import Link, PeerError
-from fedff.wire.security import Security
+from fedff.wire.security import RUN_HEADER, Security
 from fedff.worker.server import WorkerServer
 from fedff.worker.options import WorkerOptions
 
@@ -161,9 +161,13 @@ def serve(tmp_path: Path, security: Security = Security(), **kw) -> WorkerServer
     return server
 
 
+RUN = "test-run"  # the run id a test's calls name (worker/guard.py)
+AS_RUN = [(RUN_HEADER, RUN)]  # call metadata
+
+
 def configure(channel: grpc.Channel, metadata=()) -> pb.WorkerStatus:
     cfg = small()
-    setup = {"config": cfg.to_dict(), "features": SPEC.features, "num_classes": 10,
+    setup = {"run": RUN, "config": cfg.to_dict(), "features": SPEC.features, "num_classes": 10,
              "first": 0, "last": 3, "head": True, "downstream": None}
     import json
     return pb_grpc.LayerWorkerStub(channel).Control(
@@ -173,7 +177,7 @@ def configure(channel: grpc.Channel, metadata=()) -> pb.WorkerStatus:
 
 def train_call(channel: grpc.Channel, batches: list[Batch], chunk_bytes: int = 2**20):
     frames = [f for b in batches for f in encode(b, chunk_bytes)]
-    return list(train_method(channel)(iter(frames), timeout=20))
+    return list(train_method(channel)(iter(frames), timeout=20, metadata=AS_RUN))
 
 
 def good_batch(batch_id: int) -> Batch:
@@ -223,7 +227,7 @@ def test_oversize_and_out_of_order_chunks_refused(tmp_path):
         frames = encode(good_batch(1), chunk_bytes=512)
         frames[1], frames[2] = frames[2], frames[1]
         with pytest.raises(grpc.RpcError, match="expected chunk 1"):
-            list(train_method(channel)(iter(frames), timeout=20))
+            list(train_method(channel)(iter(frames), timeout=20, metadata=AS_RUN))
         assert len(train_call(channel, [good_batch(1)])) == 2  # Ready + ack
     finally:
         server.stop()
@@ -404,17 +408,18 @@ def test_forward_and_state_rpcs(tmp_path):
         x = torch.rand(5, SPEC.features)
         frames = encode(Batch(batch_id=1, kind=pb.EVAL, tensors={"x": x}))
         assembler, got = Assembler(), None
-        for frame in forward_method(channel)(iter(frames), timeout=20):
+        for frame in forward_method(channel)(iter(frames), timeout=20, metadata=AS_RUN):
             got = assembler.add(frame) or got
         out, scores = server.servicer.block.infer(x)
         assert torch.equal(got.tensors["out"], out) and torch.equal(got.tensors["scores"], scores)
 
         stub = pb_grpc.LayerWorkerStub(channel)
-        data = b"".join(c.data for c in stub.GetState(pb.StateRequest(), timeout=20))
+        data = b"".join(c.data for c in stub.GetState(pb.StateRequest(), timeout=20,
+                                                      metadata=AS_RUN))
         state = torch.load(__import__("io").BytesIO(data), weights_only=True)
         assert state["trained_through"] == 2 and len(state["block"]["layers"]) == 3
         train_call(channel, [good_batch(3)])  # move on, then put the old state back
-        status = stub.SetState(state_chunks(state), timeout=20)
+        status = stub.SetState(state_chunks(state), timeout=20, metadata=AS_RUN)
         assert status.trained_through == 2
         restored = server.servicer.block.state_dict()
         for a, b in zip(restored["layers"], state["block"]["layers"]):

@@ -4,12 +4,14 @@ so while it waits."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from fedff import config
 from fedff.cli import build_parser, main
@@ -104,7 +106,7 @@ def test_undecodable_bytes_get_invalid_argument_on_every_rpc_and_change_nothing(
     from fedff.v1 import worker_pb2 as pb
     from fedff.v1 import worker_pb2_grpc as pb_grpc
     from fedff.wire.rpc import SERVICE
-    from test_pipeline import configure, good_batch, serve, train_call
+    from test_pipeline import AS_RUN, configure, good_batch, serve, train_call
 
     server = serve(tmp_path)
     channel = grpc.insecure_channel(server.address)
@@ -121,7 +123,7 @@ def test_undecodable_bytes_get_invalid_argument_on_every_rpc_and_change_nothing(
             for raw in garbage:
                 request = raw if method in ("Control", "GetState") else iter([raw])
                 with pytest.raises(grpc.RpcError) as err:
-                    reply = call(request, timeout=10)
+                    reply = call(request, timeout=10, metadata=AS_RUN)
                     list(reply) if method in ("GetState", "Train", "Forward") else reply
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, raw[:4])
                 assert "not a valid fedff.v1 message" in err.value.details()
@@ -192,11 +194,11 @@ def test_a_configure_larger_than_max_params_is_refused_before_anything_is_alloca
     from fedff.memory import rss_mb
     from fedff.v1 import worker_pb2 as pb
     from fedff.v1 import worker_pb2_grpc as pb_grpc
-    from test_pipeline import configure, serve
+    from test_pipeline import RUN, configure, serve
 
     def setup(hidden: list[int]) -> str:
         cfg = config.load("digits-ff", ["train.negatives=random", f"model.hidden={hidden}"])
-        return json.dumps({"config": cfg.to_dict(), "features": 64, "num_classes": 10,
+        return json.dumps({"run": RUN, "config": cfg.to_dict(), "features": 64, "num_classes": 10,
                            "first": 0, "last": len(hidden), "head": True, "downstream": None})
 
     server = serve(tmp_path, max_params=200_000)
@@ -217,3 +219,146 @@ def test_a_configure_larger_than_max_params_is_refused_before_anything_is_alloca
     finally:
         channel.close()
         server.stop()
+
+
+# -- authorisation beyond the token: run binding, downstream allow-list, bounded logs ------
+def _two_workers(tmp_path, **first_options):
+    """Two in-process workers on loopback that outlive a driver (remote workers)."""
+    from test_pipeline import serve
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    return serve(tmp_path / "a", **first_options), serve(tmp_path / "b")
+
+
+def test_a_worker_serves_only_its_run_until_an_explicit_reset(tmp_path):
+    import grpc
+
+    from fedff.pipeline.driver import Pipeline
+    from fedff.v1 import worker_pb2 as pb
+    from fedff.v1 import worker_pb2_grpc as pb_grpc
+    from fedff.wire.security import RUN_HEADER
+    from fedff.engine.network import FFNetwork
+    from test_pipeline import small
+
+    cfg = small("train.epochs=1")
+    servers = _two_workers(tmp_path)
+    addresses = [s.address for s in servers]
+    try:
+        first = Pipeline(cfg, SPEC, addresses)
+        first.train_batch(DIGITS.train_x[:20], DIGITS.train_y[:20])
+        list(first.end_epoch())
+        trained = first.state_dict()
+        first.close(shutdown_workers=False)
+
+        with pytest.raises(PeerError, match="PERMISSION_DENIED.*serves run "
+                                            f"{first.run_id[:12]}.*--reset-workers"):
+            Pipeline(cfg, SPEC, addresses)  # another run: refused, nothing changed
+        channel = grpc.insecure_channel(addresses[0])
+        stub = pb_grpc.LayerWorkerStub(channel)
+        for meta in ([], [(RUN_HEADER, "another-run")]):  # reading the weights needs the run
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.GetState(pb.StateRequest(), timeout=10, metadata=meta))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as err:  # nor may a stranger stop it
+            stub.Control(pb.ControlRequest(command=pb.SHUTDOWN), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert stub.Control(pb.ControlRequest(command=pb.STATUS), timeout=10).configured
+        channel.close()
+
+        resumed = Pipeline(cfg, SPEC, addresses, run_id=first.run_id)  # the same run goes on
+        net = FFNetwork(cfg, SPEC)
+        net.load_state_dict(resumed.state_dict())
+        assert torch.equal(net.state_dict()["layers"][0]["module"]["weight"],
+                           trained["layers"][0]["module"]["weight"])
+        resumed.close(shutdown_workers=False)
+
+        second = Pipeline(cfg, SPEC, addresses, reset_workers=True)  # explicit: takes over
+        assert second.state_dict()["layers"][0]["steps"] == 0
+        for s in servers:
+            assert (s.servicer.opt.checkpoint_dir / "previous-run.pt").exists()
+            assert s.servicer.core.run == second.run_id
+        second.close(shutdown_workers=False)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_a_resumed_pipeline_run_keeps_its_run_on_remote_workers(tmp_path):
+    from fedff.pipeline.driver import ChainOptions, run_pipeline
+    from test_pipeline import small
+
+    servers = _two_workers(tmp_path)
+    options = ChainOptions(addresses=[s.address for s in servers], keep_workers=True)
+    try:
+        run_pipeline(small("train.epochs=1"), tmp_path / "run", options, show_progress=False)
+        summary = run_pipeline(small("train.epochs=2"), tmp_path / "run", options,
+                               show_progress=False, resume=True)
+        assert summary["epochs"] == 2
+        with pytest.raises(PeerError, match="--reset-workers"):  # a new run is refused
+            run_pipeline(small("train.epochs=1"), tmp_path / "other", options,
+                         show_progress=False)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.parametrize("flags,downstream,allowed", [
+    ({}, "127.0.0.1:{port}", True),  # loopback, the default
+    ({}, "attacker.invalid:7001", False),
+    ({"allow_downstream": ("hostB:7001",)}, "hostB:7001", True),
+    ({"allow_downstream": ("hostB:7001",)}, "127.0.0.1:{port}", False),
+    ({"next_address": "127.0.0.1:{port}"}, "attacker.invalid:7001", True),  # --next decides
+])
+def test_activations_go_only_where_the_operator_allows(tmp_path, flags, downstream, allowed):
+    import grpc
+
+    from fedff.v1 import worker_pb2 as pb
+    from fedff.v1 import worker_pb2_grpc as pb_grpc
+    from test_pipeline import serve, small
+
+    last = serve(tmp_path / "b")
+    port = last.address.rsplit(":", 1)[1]
+    options = {k: (v.format(port=port) if isinstance(v, str) else v) for k, v in flags.items()}
+    first = serve(tmp_path / "a", **options)
+    setup = {"run": "r1", "config": small().to_dict(), "features": SPEC.features,
+             "num_classes": 10, "first": 0, "last": 1, "head": False,
+             "downstream": downstream.format(port=port)}
+    channel = grpc.insecure_channel(first.address)
+    stub = pb_grpc.LayerWorkerStub(channel)
+    request = pb.ControlRequest(command=pb.CONFIGURE, config_json=json.dumps(setup))
+    try:
+        if allowed:
+            status = stub.Control(request, timeout=10)
+            assert status.configured and first.servicer.core.run == "r1"
+            assert status.downstream == (options.get("next_address") or setup["downstream"])
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Control(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert f"--next {setup['downstream']}" in err.value.details()
+            assert first.servicer.block is None  # nothing was built
+    finally:
+        channel.close()
+        first.stop()
+        last.stop()
+
+
+def test_refusals_are_logged_once_per_host_and_interval(caplog):
+    import grpc
+
+    from fedff.worker.guard import RefusalLog
+
+    log = logging.getLogger("fedff.test.refusals")
+    refusals = RefusalLog(log, "w", every=0.5, burst=3)
+    with caplog.at_level(logging.WARNING, logger="fedff.test.refusals"):
+        for i in range(1000):  # one host, many connections
+            refusals.note(f"ipv4:10.0.0.5:{40000 + i}", grpc.StatusCode.INVALID_ARGUMENT, "bad")
+        for host in range(50):  # many hosts: the burst bound holds
+            refusals.note(f"ipv4:10.0.1.{host}:1", grpc.StatusCode.INVALID_ARGUMENT, "bad")
+        time.sleep(0.6)
+        refusals.note("ipv4:10.0.0.5:1", grpc.StatusCode.INVALID_ARGUMENT, "bad")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and refusals.refused == 1051
+    assert lines[0] == "w: refused INVALID_ARGUMENT from ipv4:10.0.0.5: bad"
+    assert "(and 999 more since the last line)" in lines[-1]

@@ -46,11 +46,15 @@ def node_config(cfg: Config, node: dict[str, Any]) -> tuple[Config, int, int, li
     return cfg, int(node["partition-id"]), int(node["num-partitions"]), workers
 
 
-def _pipeline_builder(addresses: list[str], node: dict[str, Any]):
+def _pipeline_builder(addresses: list[str], context: Context):
     """Builds the Pipeline over this site's workers, with the node config's worker TLS
     (`worker-tls-ca`, `worker-tls-cert`, `worker-tls-key`, `worker-mtls`) and token
     (`worker-token-file`), the same settings as `fedff pipeline`'s flags; workers off
-    this host without a token or mTLS need `worker-insecure=true`."""
+    this host without a token or mTLS need `worker-insecure=true`. The workers serve one
+    Flower run at a time: the run id is the Flower run's, and a new Flower run takes the
+    site's workers over (the operator gave them to this SuperNode in its node config)."""
+    node = dict(context.node_config)
+    run_id = f"flower-{context.run_id}-node-{context.node_id}"
     from fedff.pipeline.driver import Pipeline
     from fedff.wire.security import Security
 
@@ -63,7 +67,8 @@ def _pipeline_builder(addresses: list[str], node: dict[str, Any]):
 
     def build(cfg: Config, spec):
         return Pipeline(cfg, spec, addresses, security,
-                        insecure=str(node.get("worker-insecure", "")).lower() in ("1", "true"))
+                        insecure=str(node.get("worker-insecure", "")).lower() in ("1", "true"),
+                        run_id=run_id, reset_workers=True)
     return build
 
 
@@ -83,7 +88,7 @@ def train_reply(fixed: Config | None, msg: Message, context: Context) -> Message
     arrays, metrics = client_train(
         cfg, ds, msg.content["arrays"], int(settings["server-round"]),
         [int(i) for i in settings["train-layers"]], partition_id=pid,
-        build=_pipeline_builder(workers, dict(context.node_config)) if workers else None)
+        build=_pipeline_builder(workers, context) if workers else None)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 

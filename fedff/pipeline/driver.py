@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections import deque
 from typing import Any
@@ -70,9 +70,14 @@ class Pipeline:
     def __init__(self, cfg: Config, spec: InputSpec, addresses: list[str],
                  security: Security = Security(), window: int = 4,
                  connect_timeout: float = 60.0, give_up_after: float | None = 600.0,
-                 insecure: bool = False):
+                 insecure: bool = False, run_id: str | None = None,
+                 reset_workers: bool = False):
         check_pipeline_config(cfg)
         check_exposure(addresses, security, insecure, "drive")
+        # Workers serve one run (worker/guard.py): every call names it. A resumed run
+        # passes its own id; `reset_workers` takes over workers another run holds.
+        self.run_id, self.reset_workers = run_id or uuid.uuid4().hex, reset_workers
+        security = replace(security, run=self.run_id)
         self.cfg, self.spec, self.addresses, self.security = cfg, spec, addresses, security
         self.device = torch.device("cpu")
         self.supervised = cfg.train.algorithm == "supervised"
@@ -86,9 +91,6 @@ class Pipeline:
         self._channels = [security.channel(a) for a in addresses]
         self._stubs = [pb_grpc.LayerWorkerStub(c) for c in self._channels]
         self._wait_ready(connect_timeout)
-        # A new run id: workers still holding an earlier run (same config or not) start
-        # afresh; a resumed run pushes its own state in (load_state_dict).
-        self.run_id = uuid.uuid4().hex
         self.setups = [self._setup(i) for i in range(len(addresses))]
         # From the end: a worker's downstream is configured before it starts sending.
         statuses = [self._control(i, pb.CONFIGURE, json.dumps(self.setups[i]))
@@ -104,10 +106,11 @@ class Pipeline:
     def _setup(self, i: int) -> dict[str, Any]:
         first, last = self.blocks[i]
         last_worker = i == len(self.addresses) - 1
-        return {"run": self.run_id, "config": self.cfg.to_dict(), "features": self.spec.features,
-                "num_classes": self.spec.num_classes, "first": first, "last": last,
-                "head": last_worker,
-                "downstream": None if last_worker else self.addresses[i + 1]}
+        setup = {"run": self.run_id, "config": self.cfg.to_dict(),
+                 "features": self.spec.features, "num_classes": self.spec.num_classes,
+                 "first": first, "last": last, "head": last_worker,
+                 "downstream": None if last_worker else self.addresses[i + 1]}
+        return {**setup, "reset": True} if self.reset_workers else setup
 
     def _wait_ready(self, timeout: float) -> None:
         """Waits for every worker, saying every few seconds which one and what to check."""
@@ -239,7 +242,7 @@ class Pipeline:
                 "layers": [ls for b in blocks for ls in b["layers"]],
                 "head": blocks[-1]["head"], "epoch": self.epoch,
                 "generator": self.generator.get_state(),
-                "pipeline": {"batch_id": self.batch_id}}
+                "pipeline": {"batch_id": self.batch_id, "run": self.run_id}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Pushes a network state (from a pipeline or an in-process run) into the chain."""
@@ -275,7 +278,19 @@ class ChainOptions:
     checkpoint_every: int = 100
     keep_workers: bool = False  # remote workers: leave them running afterwards
     insecure: bool = False  # drive remote workers without a token or mutual TLS
+    reset_workers: bool = False  # take over remote workers that serve another run
     worker_args: list[str] = field(default_factory=list)  # e.g. TLS flags for local workers
+
+
+def resumed_run(out: Path, resume: bool) -> str | None:
+    """The run id a resumed run goes on with, so that its workers still serve it."""
+    from fedff import files
+    from fedff.train import CHECKPOINT
+
+    if not resume or not (out / CHECKPOINT).exists():
+        return None
+    saved = files.load(out / CHECKPOINT, keys=("network",))
+    return saved["network"].get("pipeline", {}).get("run")
 
 
 def run_pipeline(cfg: Config, out: Path, options: ChainOptions,
@@ -291,7 +306,8 @@ def run_pipeline(cfg: Config, out: Path, options: ChainOptions,
     def build(cfg: Config, ds: Any, device: torch.device) -> Pipeline:
         spec = InputSpec(ds.features, ds.image_shape, ds.num_classes)
         pipelines.append(Pipeline(cfg, spec, addresses, security, window=options.window,
-                                  insecure=options.insecure))
+                                  insecure=options.insecure, run_id=resumed_run(out, resume),
+                                  reset_workers=options.reset_workers))
         return pipelines[-1]
 
     def give_up(reason: str) -> None:  # the launcher stopped restarting a worker

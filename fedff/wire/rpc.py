@@ -59,10 +59,14 @@ def checked(requests: Iterator[Any]) -> Iterator[Any]:
         yield request
 
 
-def _unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    context.abort(code, message)
+
+
+def _unary(behavior: Callable[..., Any], refuse: Callable[..., None]) -> Callable[..., Any]:
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         if isinstance(request, Undecodable):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return behavior(request, context)
     return call
 
@@ -74,6 +78,7 @@ def _streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def add_worker_to_server(servicer: pb_grpc.LayerWorkerServicer, server: grpc.Server) -> None:
+    refuse = getattr(servicer, "refuse", _abort)  # fedff's servicer logs it, within a bound
     handlers = {
         "Train": grpc.stream_stream_rpc_method_handler(
             _streaming(servicer.Train), request_deserializer=tolerant("Train", parse_frame),
@@ -82,7 +87,7 @@ def add_worker_to_server(servicer: pb_grpc.LayerWorkerServicer, server: grpc.Ser
             _streaming(servicer.Forward), request_deserializer=tolerant("Forward", parse_frame),
             response_serializer=serialize_frame),
         "GetState": grpc.unary_stream_rpc_method_handler(
-            _unary(servicer.GetState),
+            _unary(servicer.GetState, refuse),
             request_deserializer=tolerant("GetState", pb.StateRequest.FromString),
             response_serializer=pb.StateChunk.SerializeToString),
         "SetState": grpc.stream_unary_rpc_method_handler(
@@ -90,7 +95,7 @@ def add_worker_to_server(servicer: pb_grpc.LayerWorkerServicer, server: grpc.Ser
             request_deserializer=tolerant("SetState", pb.StateChunk.FromString),
             response_serializer=pb.WorkerStatus.SerializeToString),
         "Control": grpc.unary_unary_rpc_method_handler(
-            _unary(servicer.Control),
+            _unary(servicer.Control, refuse),
             request_deserializer=tolerant("Control", pb.ControlRequest.FromString),
             response_serializer=pb.WorkerStatus.SerializeToString),
     }

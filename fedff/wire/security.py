@@ -20,6 +20,7 @@ import grpc
 from fedff.errors import FedffError
 
 TOKEN_ENV = "FEDFF_TOKEN"
+RUN_HEADER = "fedff-run"  # call metadata: the run a driver (and its chain) acts for
 logger = logging.getLogger("fedff.security")
 # Keepalive on every channel: a dead peer is noticed in ~30 s even on an idle stream.
 _BOTH = [
@@ -62,6 +63,7 @@ class Security:
     mutual: bool = False  # servers demand a client certificate signed by `ca`
     token: str | None = None
     server_name: str | None = None  # override the name checked in the server certificate
+    run: str | None = None  # sent on every call: a configured worker serves only its run
 
     @classmethod
     def from_args(cls, ca: str | None, cert: str | None, key: str | None, mutual: bool,
@@ -109,14 +111,17 @@ class Security:
         return grpc.secure_channel(address, creds, options=options)
 
     def metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")] if self.token else []
+        meta = [("authorization", f"Bearer {self.token}")] if self.token else []
+        return meta + ([(RUN_HEADER, self.run)] if self.run else [])
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses every call without the shared token (health checks stay open)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str,
+                 on_refusal: Callable[[str, grpc.StatusCode, str], None] | None = None):
         self._expected = f"Bearer {token}".encode()
+        self._on_refusal = on_refusal  # (peer, code, message): the worker's bounded log
 
     def intercept_service(self, continuation: Callable[..., Any],
                           details: grpc.HandlerCallDetails) -> Any:
@@ -125,14 +130,18 @@ class TokenInterceptor(grpc.ServerInterceptor):
         got = dict(details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(got.encode(), self._expected):
             return continuation(details)
-        return _refuse(continuation(details))
+        return _refuse(continuation(details), self._on_refusal)
 
 
-def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+def _refuse(handler: grpc.RpcMethodHandler | None,
+            on_refusal: Callable[[str, grpc.StatusCode, str], None] | None
+            ) -> grpc.RpcMethodHandler | None:
+    message = f"missing or wrong token; pass the shared token with --token-file or ${TOKEN_ENV}"
+
     def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                      "missing or wrong token; pass the shared token with --token-file "
-                      f"or ${TOKEN_ENV}")
+        if on_refusal is not None:
+            on_refusal(context.peer(), grpc.StatusCode.UNAUTHENTICATED, message)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if handler is None:
         return None

@@ -24,11 +24,17 @@ def state_chunks(state: dict[str, Any]) -> Iterator[pb.StateChunk]:
                             data=data[i * STATE_CHUNK:(i + 1) * STATE_CHUNK])
 
 
-def read_state(chunks: Iterable[pb.StateChunk]) -> dict[str, Any]:
-    parts = []
+def read_state(chunks: Iterable[pb.StateChunk], max_bytes: int | None = None
+               ) -> dict[str, Any]:
+    """The state the chunks carry; more than `max_bytes` in all is refused unread."""
+    parts, total = [], 0
     for i, chunk in enumerate(chunks):
         if chunk.chunk != i:
             raise WireError(f"state chunk {chunk.chunk} arrived, expected {i}")
+        total += len(chunk.data)
+        if max_bytes is not None and total > max_bytes:
+            raise WireError(f"the state is over {max_bytes:,} bytes, more than a block this "
+                            f"worker may hold (--max-params) can need")
         parts.append(chunk.data)
     try:
         state = torch.load(io.BytesIO(b"".join(parts)), weights_only=True)

@@ -15,6 +15,7 @@ from fedff.engine.block import LayerBlock
 from fedff.v1 import worker_pb2 as pb
 
 CHECKPOINT = "worker.pt"
+PREVIOUS = "previous-run.pt"  # the run an explicit reset replaced (one is kept)
 
 
 def worker_state(setup: dict[str, Any], block: dict[str, Any], epoch: int,
@@ -49,3 +50,9 @@ def load(folder: Path | None) -> dict[str, Any] | None:
         return None
     return files.load(folder / CHECKPOINT, "worker checkpoint", weights_only=True,
                       keys=("setup", "block", "epoch", "trained_through"))
+
+
+def set_aside(folder: Path | None) -> None:
+    """Keeps the checkpoint of a run that an explicit reset replaces (only the latest)."""
+    if folder is not None and (folder / CHECKPOINT).exists():
+        (folder / CHECKPOINT).replace(folder / PREVIOUS)

@@ -18,7 +18,7 @@ import torch
 
 from fedff.engine.block import LayerBlock, Packet
 from fedff.engine.network import overlay_rows
-from fedff.errors import ShapeError
+from fedff.errors import ConfigError, ShapeError
 from fedff.ff import negatives as neg
 from fedff.v1 import worker_pb2 as pb
 from fedff.wire.frames import Batch, WireError
@@ -45,9 +45,20 @@ def tensor(batch: Batch, name: str, dtype: torch.dtype, required: bool = True
     return t
 
 
-def taps(batch: Batch) -> dict[int, torch.Tensor]:
-    """The head-layer outputs collected upstream ("tap.<layer>")."""
-    return {int(k[4:]): v for k, v in batch.tensors.items() if k.startswith("tap.")}
+def taps(batch: Batch, rows: int | None = None) -> dict[int, torch.Tensor]:
+    """The head-layer outputs collected upstream ("tap.<layer>"): 2-D float32, `rows`
+    rows each where the caller knows how many."""
+    out = {}
+    for name, t in batch.tensors.items():
+        if not name.startswith("tap."):
+            continue
+        if not name[4:].isdigit() or t.dtype != torch.float32 or t.dim() != 2 or (
+                rows is not None and t.shape[0] != rows):
+            raise WireError(f"tensor '{name}' of batch {batch.batch_id} is not a head "
+                            f"layer's output ('tap.<layer>', float32 [{rows or 'rows'}, "
+                            f"width]), got {t.dtype} {list(t.shape)}")
+        out[int(name[4:])] = t
+    return out
 
 
 def eval_input(batch: Batch, block: LayerBlock, name: str = "x") -> torch.Tensor:
@@ -73,14 +84,18 @@ def train_packet(batch: Batch, block: LayerBlock, num_classes: int) -> Packet:
     gamma = tensor(batch, "gamma", torch.float32, False)
     if gamma is not None and gamma.shape != (rows,):
         raise ShapeError(f"gamma must have shape [{rows}], got {list(gamma.shape)}")
-    if labels is not None and labels.dim() != 1:
-        raise ShapeError(f"labels must be 1-D, got {list(labels.shape)}")
+    if labels is not None and labels.shape != (batch.n_pos,):
+        raise ShapeError(f"labels must have shape [n_pos] = [{batch.n_pos}] (one per "
+                         f"positive row), got {list(labels.shape)}")
+    if neutral is not None and neutral.shape[0] != batch.n_pos:
+        raise ShapeError(f"neutral must have n_pos = {batch.n_pos} rows, got "
+                         f"{neutral.shape[0]}")
     if labels is not None and block.head is not None:
         c = block.head.linear.out_features
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < c:
             raise ShapeError(f"labels must lie in 0..{c - 1}")
     return Packet(x=x, n_pos=batch.n_pos, gamma=gamma, neutral=neutral, labels=labels,
-                  taps=taps(batch))
+                  taps=taps(batch, batch.n_pos))
 
 
 def _overlays(batch: Batch, block: LayerBlock, labels: torch.Tensor | None,
@@ -139,3 +154,23 @@ def eval_batch(batch: Batch, out: torch.Tensor, taps_: dict[int, torch.Tensor] |
                ) -> Batch:
     tensors = {"x": out, **{f"tap.{i}": t for i, t in (taps_ or {}).items()}}
     return Batch(batch_id=batch.batch_id, kind=pb.EVAL, head=batch.head, tensors=tensors)
+
+
+SETUP_TYPES = {"run": str, "config": dict, "features": int, "num_classes": int, "first": int,
+               "last": int, "head": bool}
+
+
+def check_setup(setup: object) -> None:
+    """A CONFIGURE's setup (worker.proto): every key of the right type and range, before
+    anything is built from it (`int("64")` would otherwise pass for 64)."""
+    if not isinstance(setup, dict):
+        raise ConfigError("config_json must be a JSON object (see worker.proto)")
+    for key, kind in SETUP_TYPES.items():
+        value = setup.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"the setup's '{key}' must be a {kind.__name__}, got {value!r:.60}")
+    if not isinstance(setup.get("downstream"), (str, type(None))):
+        raise ConfigError("the setup's 'downstream' must be 'host:port' or null")
+    for key, top in (("features", 10**8), ("num_classes", 10**5)):
+        if not 1 <= setup[key] <= top:
+            raise ConfigError(f"the setup's '{key}' must lie in 1..{top:,}, got {setup[key]}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -57,43 +58,66 @@ class WorkerCore:
         self.modulated: dict[int, torch.Tensor] = {}  # top-down, first worker: x_err
         saved = checkpoints.load(options.checkpoint_dir)
         if saved is not None:
-            self.configure(saved["setup"])
-            self.load(saved)
+            self.configure(saved["setup"], saved)
             self.own_durable = self.received_through
             log.info("%s: resumed from %s at batch %d", options.name, options.checkpoint_dir,
                      self.received_through)
 
     # -- setup ---------------------------------------------------------------------------
-    def configure(self, setup: dict[str, Any]) -> None:
-        """A fresh block, link and caches for `setup` (what Control(CONFIGURE) carries)."""
+    def configure(self, setup: dict[str, Any], state: dict[str, Any] | None = None,
+                  reset: bool = False) -> None:
+        """A fresh block, link and caches for `setup` (what Control(CONFIGURE) carries),
+        loaded with `state` if given. Everything is built and loaded before the block in
+        service is replaced, so a setup or state that fails leaves the worker as it was.
+        `reset`: the setup takes over another run's worker; its checkpoint is set aside."""
         try:
             cfg = from_dict(setup["config"])
             self._check_size(cfg, setup)
             block = LayerBlock(cfg, int(setup["features"]), int(setup["num_classes"]),
                                int(setup["first"]), int(setup["last"]), bool(setup["head"]),
                                self.opt.device)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"bad CONFIGURE request: {e}") from e
+            if state is not None:
+                block.load_state_dict(state["block"])
+                loaded = (int(state["epoch"]), int(state["trained_through"]),
+                          checkpoints.read_acks(state))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"bad CONFIGURE request: {type(e).__name__}: {e}") from e
         n = len(cfg.model.hidden)
         downstream = self.opt.next_address or setup.get("downstream")
         if not downstream and setup["last"] < n:
             raise ConfigError(f"this worker holds layers [{setup['first']}, {setup['last']}) "
                               f"of {n} but has no downstream; pass its address")
         with self.lock:
+            if reset:
+                log.warning("%s: run %s replaced by run %s (explicit reset); the old "
+                            "checkpoint is kept as previous-run.pt", self.opt.name,
+                            str(self.setup.get("run"))[:12], str(setup.get("run"))[:12])
+                checkpoints.set_aside(self.opt.checkpoint_dir)
             self.close()
             self.runner = make_runner(block, self._stage_done, self._stage_failed)
             self.block, self.setup = block, setup
             self.epoch, self.received_through, self.own_durable = -1, 0, 0
-            self.acks.clear()
+            if state is not None:
+                self.epoch, self.received_through, self.acks = loaded
+            else:
+                self.acks.clear()
             self.inflight.clear()
             self.waiting.clear()
             self.modulated.clear()
             self.link = None
             if setup["last"] < n:
-                self.link = Link(downstream, self._on_downstream_ack, self.security,
+                run = setup.get("run")
+                self.link = Link(downstream, self._on_downstream_ack,
+                                 replace(self.security, run=run if isinstance(run, str) else None),
                                  window=self.opt.window, chunk_bytes=self.opt.chunk_bytes,
                                  retain=2 * self.opt.checkpoint_every + 4 * self.opt.window,
                                  name=self.opt.name)
+
+    @property
+    def run(self) -> str | None:
+        """The run this worker is bound to (None: free)."""
+        run = self.setup.get("run")
+        return run if isinstance(run, str) and run else None
 
     def _check_size(self, cfg: Any, setup: dict[str, Any]) -> None:
         """Refuses, before anything is allocated, a block larger than --max-params (its
@@ -103,18 +127,13 @@ class WorkerCore:
         first, last = int(setup["first"]), int(setup["last"])
         params = sum(c.in_features * c.out_features + c.out_features
                      for c in layers[first:last])
+        if setup["head"]:  # the softmax head reads (at most) every layer's output
+            params += int(setup["num_classes"]) * (sum(c.out_features for c in layers) + 1)
         if params > limit:
             raise ConfigError(f"CONFIGURE asks for a block of {params:,} parameters (layers "
                               f"[{first}, {last})), more than this worker's --max-params "
                               f"{limit:,}; start the worker with a larger --max-params, or "
                               f"split the network over more workers")
-
-    def load(self, state: dict[str, Any]) -> None:
-        assert self.block is not None
-        self.block.load_state_dict(state["block"])
-        self.epoch = int(state["epoch"])
-        self.received_through = int(state["trained_through"])
-        self.acks = checkpoints.read_acks(state)
 
     def durable(self) -> int:
         if self.link is None:
@@ -191,7 +210,7 @@ class WorkerCore:
             job.packet = codec.train_packet(batch, self.block, int(self.setup["num_classes"]))
         elif batch.kind == pb.EVAL:
             job.x = codec.eval_input(batch, self.block)
-            job.taps = codec.taps(batch) if batch.head else None
+            job.taps = codec.taps(batch, job.x.shape[0]) if batch.head else None
         if self.block.top_down and batch.kind != pb.EVAL:
             inputs = {**codec.pass2_inputs(batch, self.block), **self.modulated}
             self.modulated.clear()

@@ -28,6 +28,7 @@ class WorkerOptions:
     window: int = 4
     device: str = "cpu"
     next_address: str | None = None  # overrides the downstream named by CONFIGURE
+    allow_downstream: tuple[str, ...] = ()  # else CONFIGURE may name only these (or loopback)
     max_batch_bytes: int = MAX_BATCH_BYTES
     chunk_bytes: int = CHUNK_BYTES
     ack_cache: int = 1024

@@ -37,7 +37,8 @@ class WorkerServer:
             torch.set_num_threads(threads)
         self._stopped = threading.Event()
         self.servicer = LayerWorkerServicer(options, security, on_shutdown=self._stop_soon)
-        interceptors = [TokenInterceptor(security.token)] if security.token else []
+        interceptors = ([TokenInterceptor(security.token, self.servicer.refusals.note)]
+                        if security.token else [])
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
                                   interceptors=interceptors, options=SERVER_OPTIONS)
         add_worker_to_server(self.servicer, self.server)

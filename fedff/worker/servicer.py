@@ -3,7 +3,9 @@
 What the worker does with a batch lives in core.py, how a batch decodes in codec.py, how
 the block runs in stages.py; this file turns RPCs into calls on the core and the core's
 refusals into status codes: a bad batch or state is INVALID_ARGUMENT (nothing applied,
-the worker keeps serving), a failure below is FAILED_PRECONDITION.
+the worker keeps serving), a failure below is FAILED_PRECONDITION, a call from outside
+the worker's run PERMISSION_DENIED (guard.py). Every refusal goes through `refuse`: one
+bounded log line per offending host, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedff.wire.frames import Assembler, Batch, WireError, WireFrame, encode
 from fedff.wire.link import PeerError
 from fedff.wire.security import Security
 from fedff.wire.state import read_state, state_chunks
+from fedff.worker import codec, guard
 from fedff.worker.core import WorkerCore
 from fedff.worker.options import WorkerOptions
 from fedff.worker.session import END, Abort, Session
@@ -39,6 +42,18 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
         self.opt, self.on_shutdown = options, on_shutdown
         self.core = WorkerCore(options, security)
         self._consume = threading.Lock()  # one upstream consumer at a time
+        self.refusals = guard.RefusalLog(log, options.name)
+
+    def refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str):
+        """Answers `code` with `message` (and logs it, within the bound); never returns."""
+        self.refusals.note(context.peer(), code, message)
+        context.abort(code, message)
+
+    def _check_caller(self, context: grpc.ServicerContext) -> None:
+        try:
+            guard.check_caller(self.core.run, guard.caller_run(context), self.opt.name)
+        except guard.Refused as e:
+            self.refuse(context, e.code, str(e))
 
     @property
     def block(self) -> LayerBlock | None:
@@ -65,7 +80,8 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           f"{self.opt.name} is not configured yet; the driver sends "
                           f"Control(CONFIGURE)")
-        session = Session()
+        self._check_caller(context)
+        session, peer = Session(), context.peer()
         with core.lock:
             if core.session is not None:
                 core.session.close()
@@ -74,7 +90,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                                                  trained_through=core.received_through),
                                   durable_through=core.durable())
         yield ready
-        threading.Thread(target=self._consume_stream, args=(request_iterator, session),
+        threading.Thread(target=self._consume_stream, args=(request_iterator, session, peer),
                          daemon=True).start()
         context.add_callback(session.close)
         while (item := session.replies.get()) is not END:
@@ -82,7 +98,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                 context.abort(item.code, item.message)
             yield item
 
-    def _consume_stream(self, frames: Iterator[WireFrame], session: Session) -> None:
+    def _consume_stream(self, frames: Iterator[WireFrame], session: Session, peer: str) -> None:
         assembler = Assembler(self.opt.max_batch_bytes)
         with self._consume:
             try:
@@ -95,7 +111,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                 with self.core.lock:
                     session.drain()
             except REFUSED as e:
-                log.warning("%s: refused a batch: %s", self.opt.name, e)
+                self.refusals.note(peer, grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 session.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except grpc.RpcError:
                 session.close()  # the upstream went away; it will reconnect
@@ -117,6 +133,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
     # -- the other RPCs ----------------------------------------------------------------
     def Forward(self, request_iterator: Iterator[WireFrame], context: grpc.ServicerContext
                 ) -> Iterator[WireFrame]:
+        self._check_caller(context)
         assembler = Assembler(self.opt.max_batch_bytes)
         try:
             for frame in request_iterator:
@@ -131,7 +148,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                                         tensors={"out": out, "scores": scores}),
                                   self.opt.chunk_bytes)
         except REFUSED as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def _require_block(self, context: grpc.ServicerContext) -> None:
         if self.core.block is None:
@@ -141,6 +158,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
 
     def GetState(self, request: pb.StateRequest, context: grpc.ServicerContext
                  ) -> Iterator[pb.StateChunk]:
+        self._check_caller(context)
         self.core.wait_idle(timeout=60)
         with self.core.lock:
             self._require_block(context)
@@ -149,41 +167,71 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
 
     def SetState(self, request_iterator: Iterator[pb.StateChunk],
                  context: grpc.ServicerContext) -> pb.WorkerStatus:
+        """Replaces the block's state; a state that fails to load changes nothing."""
         core = self.core
+        self._check_caller(context)
         try:
-            state = read_state(request_iterator)
+            state = read_state(request_iterator, self._max_state_bytes())
             with core.lock:
                 setup = state.get("setup") or core.setup
                 if not setup:
                     raise ConfigError("not configured and the state carries no setup")
-                core.configure(setup)  # a fresh block, link and caches, then the state
-                core.load(state)
+                reset = self._admit(setup)
+                core.configure(setup, state, reset)
                 core.checkpoint()
+        except guard.Refused as e:
+            self.refuse(context, e.code, str(e))
         except Exception as e:  # noqa: BLE001 - any unreadable state is the caller's error
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load this state: {e}")
+            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"cannot load this state: {e}")
         return self.status()
+
+    def _max_state_bytes(self) -> int:
+        """A state holds about 16 bytes per parameter; a larger one is not a state."""
+        from fedff.worker.options import default_max_params
+
+        return 16 * (self.opt.max_params or default_max_params()) + 2**20
+
+    def _admit(self, setup: dict) -> bool:
+        """Run binding and the downstream allow-list (guard.py); True for a reset."""
+        codec.check_setup(setup)
+        reset = guard.check_claim(self.core.setup, setup, self.opt.name)
+        guard.check_downstream(setup, self.opt.next_address, self.opt.allow_downstream,
+                               self.opt.name)
+        setup.pop("reset", None)
+        return reset
 
     def Control(self, request: pb.ControlRequest, context: grpc.ServicerContext
                 ) -> pb.WorkerStatus:
         if request.command == pb.CONFIGURE:
-            try:
-                setup = json.loads(request.config_json)
-                if setup != self.core.setup:  # the same setup again: keep the resumed state
-                    self.core.configure(setup)
-            except (json.JSONDecodeError, ConfigError, ShapeError) as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self._configure(request.config_json, context)
         elif request.command == pb.CHECKPOINT:
+            self._check_caller(context)
             self.checkpoint_now()
         elif request.command == pb.SHUTDOWN:
+            self._check_caller(context)
             self.close_session()
             self.checkpoint_now()
             status = self.status()
             self.on_shutdown()
             return status
         elif request.command != pb.STATUS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown command {request.command}")
+            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"unknown command {request.command}; send CONFIGURE, STATUS, "
+                        f"CHECKPOINT or SHUTDOWN")
         return self.status()
+
+    def _configure(self, config_json: str, context: grpc.ServicerContext) -> None:
+        try:
+            setup = json.loads(config_json)
+            with self.core.lock:
+                reset = self._admit(setup)
+                if setup != self.core.setup:  # the same setup again: keep the resumed state
+                    self.core.configure(setup, reset=reset)
+        except guard.Refused as e:
+            self.refuse(context, e.code, str(e))
+        except (ValueError, RecursionError) as e:  # bad JSON, ConfigError, ShapeError
+            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e)[:2000])
 
     # -- lifecycle ---------------------------------------------------------------------
     def checkpoint_now(self) -> None:
