@@ -1,4 +1,5 @@
-"""`fedff` command line: train, simulate, pipeline, worker, eval, score, configs.
+"""`fedff` command line: train, simulate, pipeline, worker, eval, score, reproduce,
+configs.
 
 Every expected failure (a `FedffError`: bad config, missing data, wrong shapes, a dead
 peer, bad credentials, a file that is not a checkpoint) ends in one line,
@@ -30,6 +31,8 @@ EXAMPLES = """examples:
   fedff train --config mnist-oneclass --set oneclass.normal=3 --out runs/oc3
   fedff score runs/oc3/checkpoint.pt --input rows.npy --out scores.csv
   fedff configs mnist-ff-3x1000                 # print a named config
+  fedff reproduce --list                        # the README's results tables
+  fedff reproduce oneclass --data-dir ../shared/data   # re-run one, resumably
   fedff pipeline --local 3 --config mnist-ff-3x1000 --set train.negatives=random
   fedff worker --listen 0.0.0.0:7001 --token-file token   # a worker on each machine
   fedff pipeline --workers hostA:7001,hostB:7001,hostC:7001 --token-file token ...
@@ -181,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: scores.csv)")
     _add_common(sc)
 
+    rp = sub.add_parser(
+        "reproduce", help="re-run one of the README's results tables",
+        description="Runs every row of a results table in order (finished rows are "
+        "skipped, an unfinished one resumes), then writes results.json, table.md (the "
+        "README's format, published figures beside) and comparison.png.")
+    rp.add_argument("table", nargs="?", help="a table name (see --list)")
+    rp.add_argument("--list", action="store_true", help="list the tables and their cost")
+    rp.add_argument("--quick", action="store_true",
+                    help="every row on a tiny budget: checks the machinery, not the numbers")
+    rp.add_argument("--out", metavar="DIR",
+                    help="output folder (default: runs/reproduce/TABLE[-quick])")
+    rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    dest="overrides", help="override a config value in every row")
+    _add_common(rp)
+
     cf = sub.add_parser("configs", help="list named configs, or print one")
     cf.add_argument("name", nargs="?", help="a named config to print")
     cf.add_argument("--keys", action="store_true", help="list every config key and default")
@@ -311,6 +329,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from fedff.reproduce.runner import listing, reproduce
+
+    if args.list or not args.table:
+        print(listing())
+        return 0
+    out = Path(args.out or f"runs/reproduce/{args.table}{'-quick' if args.quick else ''}")
+    report = reproduce(args.table, out, args.quick, [*args.overrides,
+                                                    *_common_overrides(args)])
+    print((out / "table.md").read_text())
+    print(json.dumps({"out": str(out), "rows": len(report["rows"])}))
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     if args.keys:
         defaults = config_mod.Config().to_dict()
@@ -335,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
                 "pipeline": cmd_pipeline, "worker": cmd_worker, "simulate": cmd_simulate,
-                "score": cmd_score}
+                "score": cmd_score, "reproduce": cmd_reproduce}
     try:
         return handlers[args.command](args)
     except (FedffError, OSError) as err:

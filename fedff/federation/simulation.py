@@ -3,6 +3,12 @@
 Each simulated client is a virtual SuperNode whose node config carries `partition-id`
 and `num-partitions`; Ray runs `federation.client_cpus` cores' worth of clients at a time.
 The ServerApp runs in this process, so its progress bar and outputs are the user's.
+
+This rests on Flower's `run_simulation`, which Flower 1.41 marks deprecated in favour of
+`flwr run` (which fedff supports too: `flwr run .`, see the README). The `flwr run` path
+runs the ServerApp in a subprocess of a background SuperLink: no progress bar here, and
+a slower start. So `fedff simulate` keeps `run_simulation` and drops only its
+deprecation notice, which would otherwise be the first line a user sees.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ def check_simulation(cfg: Config) -> None:
                           f"{cores} cores; no client could ever start")
 
 
+def _not_the_deprecation_notice(record: logging.LogRecord) -> bool:
+    """Drops Flower's notice that `run_simulation` is deprecated (see the docstring)."""
+    return "`run_simulation` function is deprecated" not in str(record.args or record.msg)
+
+
 def backend_config(cfg: Config) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
@@ -46,6 +57,7 @@ def simulate(cfg: Config, out_dir: Path, resume: bool = False, show_progress: bo
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").addFilter(_not_the_deprecation_notice)
     from flwr.simulation import run_simulation
 
     results: list[dict[str, Any]] = []

@@ -1,0 +1,1 @@
+"""`fedff reproduce`: the README's results tables, each as one command."""
