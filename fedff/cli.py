@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local workers checkpoint every N batches (default 100)")
     pipe.add_argument("--keep-workers", action="store_true",
                       help="with --workers: leave them running afterwards (default: shut down)")
+    pipe.add_argument("--wire-dtype", choices=("float32", "bfloat16", "float16"),
+                      default="float32",
+                      help="send activations between processes as this (bfloat16 or float16 "
+                           "halve the bytes; every layer still computes in float32)")
     pipe.add_argument("--reset-workers", action="store_true",
                       help="with --workers: take over workers that still serve another run "
                            "(its checkpoint is kept as previous-run.pt); without it they "
@@ -264,7 +268,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         window=args.window or (1 if cfg.train.algorithm == "pepita" else 4),
         checkpoint_every=args.checkpoint_every, keep_workers=args.keep_workers,
         worker_args=_security_args(args), insecure=args.insecure,
-        reset_workers=args.reset_workers)
+        reset_workers=args.reset_workers, wire_dtype=args.wire_dtype)
     summary = run_pipeline(cfg, Path(args.out), options, _security(args),
                            show_progress=not args.quiet, resume=args.resume)
     line = {k: summary[k] for k in ("test_error", "error_head", "error_goodness", "epochs",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,3 +37,57 @@ def test_bench_ff_prints_a_table_and_writes_paired_mfu(tmp_path):
     per_row = 2 * (784 * 1000 + 1000 * 1000 + 1000 * 1000)
     expected = 200 * per_row * 2 + 100 * per_row + 100 * 2 * 2000 * 10 * 2
     assert row["gflop_per_batch"] * 1e9 == pytest.approx(expected)
+
+
+def test_bench_wire_counts_the_bytes_each_hop_sends(tmp_path):
+    """digits, 3 x 48/40/32, batch 100 (50 + 50 rows of 64 features): the driver sends the
+    examples (float) and labels, wrong labels (int64); each worker its activations,
+    neutral rows and head taps. bf16 halves the float bytes and nothing else."""
+    out = tmp_path / "wire.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_wire.py"), "--config", "digits-ff",
+         "--set", "model.hidden=[48, 40, 32]", "--set", "train.negatives=random",
+         "--set", "train.batch_size=50", "--batches", "3", "--wire-dtypes", "float32,bfloat16",
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "driver->w0" in run.stdout and "bfloat16" in run.stdout
+    fp32, bf16 = json.loads(out.read_text())["rows"]
+    assert fp32["bytes_per_sample"][0] == 64 * 4 + 2 * 8  # example, label, wrong label
+    assert bf16["bytes_per_sample"][0] == 64 * 2 + 2 * 8
+    # worker 0 -> 1: 2 rows (positive, negative) of 48, a neutral row, and the label
+    assert fp32["bytes_per_sample"][1] == (2 + 1) * 48 * 4 + 8
+    assert bf16["bytes_per_sample"][1] == (2 + 1) * 48 * 2 + 8
+
+
+def test_bench_time_to_accuracy_reports_when_the_validation_target_is_first_met(tmp_path):
+    out = tmp_path / "tta.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_time_to_accuracy.py"),
+         "--configs", "digits-ff", "--seeds", "0,1",
+         "--validation", "300", "--target", "0.5", "--max-epochs", "2", "--threads", "1",
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for r in result["runs"]:
+        first = next(c for c in r["curve"] if c["val_error"] <= 0.5)  # the first epoch at it
+        assert r["reached"]["epoch"] == first["epoch"]
+        assert r["reached"]["seconds"] == first["seconds"] > 0
+        assert 0 <= r["reached"]["test_error"] <= 1 and len(r["curve"]) == 2
+    row = result["rows"][0]
+    assert row["epoch_to_target"] == statistics.median(r["reached"]["epoch"]
+                                                       for r in result["runs"])
+    assert out.with_suffix(".png").stat().st_size > 5_000 and "target" in run.stdout
+
+
+def test_the_validation_split_is_held_out_of_training():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_time_to_accuracy import split
+    from fedff.data.datasets import load_digits
+
+    ds = load_digits()
+    train, val_x, _ = split(ds, 300)
+    assert train.train_x.shape[0] + 300 == ds.train_x.shape[0]
+    rows = {tuple(r.tolist()) for r in train.train_x}
+    assert not any(tuple(r.tolist()) in rows for r in val_x[:50] if
+                   (ds.train_x == r).all(1).sum() == 1)  # unique images never in both
+    assert torch.equal(split(ds, 300)[1], val_x)  # the same split every time

@@ -29,7 +29,7 @@ from fedff.errors import ShapeError
 from fedff.ff import negatives as neg
 from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
-from fedff.wire.frames import Batch, decode_feedback
+from fedff.wire.frames import WIRE_DTYPES, Batch, decode_feedback
 from fedff.wire.link import Link, PeerError
 from fedff.wire.security import Security, check_exposure
 from fedff.wire.state import read_state, state_chunks
@@ -71,12 +71,16 @@ class Pipeline:
                  security: Security = Security(), window: int = 4,
                  connect_timeout: float = 60.0, give_up_after: float | None = 600.0,
                  insecure: bool = False, run_id: str | None = None,
-                 reset_workers: bool = False):
+                 reset_workers: bool = False, wire_dtype: str = "float32"):
         check_pipeline_config(cfg)
         check_exposure(addresses, security, insecure, "drive")
         # Workers serve one run (worker/guard.py): every call names it. A resumed run
         # passes its own id; `reset_workers` takes over workers another run holds.
         self.run_id, self.reset_workers = run_id or uuid.uuid4().hex, reset_workers
+        if wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"--wire-dtype {wire_dtype!r}: choose one of "
+                              f"{', '.join(WIRE_DTYPES)}")
+        self.wire_dtype = wire_dtype  # how every hop sends activations (frames.lighter)
         security = replace(security, run=self.run_id)
         self.cfg, self.spec, self.addresses, self.security = cfg, spec, addresses, security
         self.device = torch.device("cpu")
@@ -109,7 +113,8 @@ class Pipeline:
         setup = {"run": self.run_id, "config": self.cfg.to_dict(),
                  "features": self.spec.features, "num_classes": self.spec.num_classes,
                  "first": first, "last": last, "head": last_worker,
-                 "downstream": None if last_worker else self.addresses[i + 1]}
+                 "downstream": None if last_worker else self.addresses[i + 1],
+                 "wire_dtype": self.wire_dtype}
         return {**setup, "reset": True} if self.reset_workers else setup
 
     def _wait_ready(self, timeout: float) -> None:
@@ -142,7 +147,8 @@ class Pipeline:
 
     def _new_link(self) -> Link:
         return Link(self.addresses[0], self._on_ack, self.security, window=self.window,
-                    give_up_after=self.give_up_after, name="driver")
+                    give_up_after=self.give_up_after, name="driver",
+                    wire_dtype=self.wire_dtype)
 
     def abort(self, reason: str) -> None:
         """Makes the waiting driver fail now with `reason` (the launcher gave up on a worker)."""
@@ -279,6 +285,7 @@ class ChainOptions:
     keep_workers: bool = False  # remote workers: leave them running afterwards
     insecure: bool = False  # drive remote workers without a token or mutual TLS
     reset_workers: bool = False  # take over remote workers that serve another run
+    wire_dtype: str = "float32"  # activations on every hop: float32 | bfloat16 | float16
     worker_args: list[str] = field(default_factory=list)  # e.g. TLS flags for local workers
 
 
@@ -307,7 +314,8 @@ def run_pipeline(cfg: Config, out: Path, options: ChainOptions,
         spec = InputSpec(ds.features, ds.image_shape, ds.num_classes)
         pipelines.append(Pipeline(cfg, spec, addresses, security, window=options.window,
                                   insecure=options.insecure, run_id=resumed_run(out, resume),
-                                  reset_workers=options.reset_workers))
+                                  reset_workers=options.reset_workers,
+                                  wire_dtype=options.wire_dtype))
         return pipelines[-1]
 
     def give_up(reason: str) -> None:  # the launcher stopped restarting a worker

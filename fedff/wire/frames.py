@@ -27,6 +27,10 @@ CHUNK_BYTES = 2 * 2**20
 MAX_BATCH_BYTES = 512 * 2**20
 
 
+WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what activations may travel as
+EXACT = {"gamma"}  # sums of goodness: kept float32 (small, and large in value)
+
+
 class WireError(FedffError, ValueError):
     """A malformed message; the text says what is wrong and what the sender must fix."""
 
@@ -62,6 +66,18 @@ def header_for(tensors: dict[str, torch.Tensor], kind: int = pb.TRAIN, epoch: in
         total += t.numel() * t.element_size()
     return pb.FrameHeader(kind=kind, epoch=epoch, n_pos=n_pos, tensors=specs,
                           total_bytes=total, head=head)
+
+
+def lighter(batch: Batch, wire_dtype: str) -> Batch:
+    """The batch with its float32 activations cast to `wire_dtype` (bf16 or fp16 halve
+    the bytes); the receiver's codec restores float32, so a layer computes in float32
+    either way and only the rounding of its input changes."""
+    if wire_dtype == "float32":
+        return batch
+    dtype = DTYPES[wire_dtype]
+    tensors = {k: t.to(dtype) if t.dtype == torch.float32 and k not in EXACT else t
+               for k, t in batch.tensors.items()}
+    return Batch(batch.batch_id, batch.kind, batch.epoch, batch.n_pos, batch.head, tensors)
 
 
 def payload(tensors: dict[str, torch.Tensor]) -> bytes:

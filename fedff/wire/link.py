@@ -23,7 +23,7 @@ import grpc
 
 from fedff.errors import FedffError
 from fedff.v1 import worker_pb2 as pb
-from fedff.wire.frames import CHUNK_BYTES, Batch, WireFrame, encode
+from fedff.wire.frames import CHUNK_BYTES, Batch, WireFrame, encode, lighter
 from fedff.wire.rpc import train_method
 from fedff.wire.security import Security
 
@@ -39,8 +39,11 @@ class Link:
     def __init__(self, address: str, on_ack: Callable[[pb.Ack], None],
                  security: Security = Security(), window: int = 4, retain: int = 256,
                  chunk_bytes: int = CHUNK_BYTES, ack_timeout: float = 120.0,
-                 give_up_after: float | None = None, name: str = "link"):
+                 give_up_after: float | None = None, name: str = "link",
+                 wire_dtype: str = "float32"):
         self.address, self.on_ack, self.security = address, on_ack, security
+        self.wire_dtype = wire_dtype  # activations travel as this (frames.lighter)
+        self.bytes_sent = 0  # tensor bytes of every batch queued (re-sends not counted)
         self.window, self.retain, self.chunk_bytes = window, retain, chunk_bytes
         self.ack_timeout, self.give_up_after, self.name = ack_timeout, give_up_after, name
         self._kept: OrderedDict[int, list[WireFrame]] = OrderedDict()
@@ -63,7 +66,7 @@ class Link:
         The frames view the batch's tensors until the batch is durable downstream: do
         not modify them in place after sending.
         """
-        frames = encode(batch, self.chunk_bytes)
+        frames = encode(lighter(batch, self.wire_dtype), self.chunk_bytes)
         with self._cond:
             while not self._closed and self.error is None and (
                     self.sent_through - self.acked_through >= self.window
@@ -78,6 +81,7 @@ class Link:
                 raise PeerError(f"{self.name}: batch {batch.batch_id} sent after "
                                 f"{self.sent_through}; ids must be consecutive")
             self._kept[batch.batch_id] = frames
+            self.bytes_sent += sum(f.size for f in frames)
             self.sent_through = batch.batch_id
             if self._outbox is not None:
                 for frame in frames:

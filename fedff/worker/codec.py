@@ -21,9 +21,10 @@ from fedff.engine.network import overlay_rows
 from fedff.errors import ConfigError, ShapeError
 from fedff.ff import negatives as neg
 from fedff.v1 import worker_pb2 as pb
-from fedff.wire.frames import Batch, WireError
+from fedff.wire.frames import WIRE_DTYPES, Batch, WireError
 
 KINDS = {pb.TRAIN, pb.EVAL, pb.END_EPOCH}
+HALF = (torch.bfloat16, torch.float16)  # activations on a lighter wire: restored to float32
 
 
 def check_kind(batch: Batch) -> None:
@@ -39,6 +40,8 @@ def tensor(batch: Batch, name: str, dtype: torch.dtype, required: bool = True
         if required:
             raise WireError(f"batch {batch.batch_id} has no tensor '{name}'")
         return None
+    if dtype == torch.float32 and t.dtype in HALF:  # a lighter wire (frames.lighter)
+        return t.float()
     if t.dtype != dtype:
         raise WireError(f"tensor '{name}' of batch {batch.batch_id} is {t.dtype}, "
                         f"expected {dtype}")
@@ -52,6 +55,8 @@ def taps(batch: Batch, rows: int | None = None) -> dict[int, torch.Tensor]:
     for name, t in batch.tensors.items():
         if not name.startswith("tap."):
             continue
+        if t.dtype in HALF:
+            t = t.float()
         if not name[4:].isdigit() or t.dtype != torch.float32 or t.dim() != 2 or (
                 rows is not None and t.shape[0] != rows):
             raise WireError(f"tensor '{name}' of batch {batch.batch_id} is not a head "
@@ -171,6 +176,8 @@ def check_setup(setup: object) -> None:
             raise ConfigError(f"the setup's '{key}' must be a {kind.__name__}, got {value!r:.60}")
     if not isinstance(setup.get("downstream"), (str, type(None))):
         raise ConfigError("the setup's 'downstream' must be 'host:port' or null")
+    if setup.get("wire_dtype", "float32") not in WIRE_DTYPES:
+        raise ConfigError(f"the setup's 'wire_dtype' must be one of {', '.join(WIRE_DTYPES)}")
     for key, top in (("features", 10**8), ("num_classes", 10**5)):
         if not 1 <= setup[key] <= top:
             raise ConfigError(f"the setup's '{key}' must lie in 1..{top:,}, got {setup[key]}")

@@ -111,7 +111,8 @@ class WorkerCore:
                                  replace(self.security, run=run if isinstance(run, str) else None),
                                  window=self.opt.window, chunk_bytes=self.opt.chunk_bytes,
                                  retain=2 * self.opt.checkpoint_every + 4 * self.opt.window,
-                                 name=self.opt.name)
+                                 name=self.opt.name,
+                                 wire_dtype=setup.get("wire_dtype", "float32"))
 
     @property
     def run(self) -> str | None:
