@@ -77,7 +77,7 @@ def test_help_documents_every_option_of_every_subcommand():
     commands = next(a for a in build_parser()._actions
                     if isinstance(a, argparse._SubParsersAction)).choices
     assert set(commands) == {"train", "simulate", "pipeline", "worker", "eval", "score",
-                             "configs"}
+                             "reproduce", "configs"}
     for name, parser in commands.items():
         text = parser.format_help()
         for action in parser._actions:

@@ -70,5 +70,8 @@ def test_unknown_frame_kinds_and_eval_inputs():
         codec.check_kind(Batch(1, 9))
     assert codec.eval_input(Batch(1, pb.EVAL, tensors={"x": torch.rand(3, 64)}),
                             FIRST).shape == (3, 64)
-    with pytest.raises(WireError, match="is torch.float16, expected torch.float32"):
-        codec.eval_input(Batch(1, pb.EVAL, tensors={"x": torch.ones(3, 64).half()}), FIRST)
+    with pytest.raises(WireError, match="is torch.int64, expected torch.float32"):
+        codec.eval_input(Batch(1, pb.EVAL, tensors={"x": torch.ones(3, 64).long()}), FIRST)
+    half = torch.rand(3, 64).to(torch.bfloat16)  # a lighter wire: restored to float32
+    restored = codec.eval_input(Batch(1, pb.EVAL, tensors={"x": half}), FIRST)
+    assert restored.dtype == torch.float32 and torch.equal(restored, half.float())
