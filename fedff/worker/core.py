@@ -29,7 +29,7 @@ from fedff.wire.frames import Batch, WireError, decode_feedback, header_for, pay
 from fedff.wire.link import Link
 from fedff.wire.security import Security
 from fedff.worker import checkpoints, codec, top_down
-from fedff.worker.options import WorkerOptions, default_max_params
+from fedff.worker.options import WorkerOptions
 from fedff.worker.session import InFlight, Session
 from fedff.worker.stages import Inline, Job, Stager, make_runner
 from fedff.layers import registry
@@ -106,9 +106,8 @@ class WorkerCore:
             self.modulated.clear()
             self.link = None
             if setup["last"] < n:
-                run = setup.get("run")
                 self.link = Link(downstream, self._on_downstream_ack,
-                                 replace(self.security, run=run if isinstance(run, str) else None),
+                                 replace(self.security, run=self.run),
                                  window=self.opt.window, chunk_bytes=self.opt.chunk_bytes,
                                  retain=2 * self.opt.checkpoint_every + 4 * self.opt.window,
                                  name=self.opt.name,
@@ -123,7 +122,7 @@ class WorkerCore:
     def _check_size(self, cfg: Any, setup: dict[str, Any]) -> None:
         """Refuses, before anything is allocated, a block larger than --max-params (its
         dense size: in x out + out per layer, an upper bound for conv cells)."""
-        limit = self.opt.max_params or default_max_params()
+        limit = self.opt.param_limit
         layers = registry.layer_configs(cfg, int(setup["features"]))
         first, last = int(setup["first"]), int(setup["last"])
         params = sum(c.in_features * c.out_features + c.out_features

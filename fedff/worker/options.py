@@ -33,3 +33,8 @@ class WorkerOptions:
     chunk_bytes: int = CHUNK_BYTES
     ack_cache: int = 1024
     max_params: int = 0  # refuse a CONFIGURE whose block is larger (0: default_max_params())
+
+    @property
+    def param_limit(self) -> int:
+        """--max-params, or this machine's default: bounds a block and a state upload."""
+        return self.max_params or default_max_params()

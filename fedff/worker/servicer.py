@@ -188,9 +188,7 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
 
     def _max_state_bytes(self) -> int:
         """A state holds about 16 bytes per parameter; a larger one is not a state."""
-        from fedff.worker.options import default_max_params
-
-        return 16 * (self.opt.max_params or default_max_params()) + 2**20
+        return 16 * self.opt.param_limit + 2**20
 
     def _admit(self, setup: dict) -> bool:
         """Run binding and the downstream allow-list (guard.py); True for a reset."""
