@@ -146,6 +146,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "mnist", "fashion-mnist"),
+    "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("half-constant-linear", "constant", "step"),
     "model.objective": ("hinton", "low", *OBJECTIVES),  # FF | one-class (fedff/oneclass)
     "model.collaboration": ("none", "earlier", "all"),
@@ -174,7 +175,8 @@ NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.h
                 "probe.examples", "probe.weight_decay", "probe.mlp_hidden",
                 "probe.knn_examples", "federation.server_warmup", "pepita.wm_lr",
                 "pepita.wm_wd", "pepita.wm_epochs", "pepita.wm_every", "oneclass.normal")
-UNIT_INTERVAL = ("optim.momentum", "optim.dampening", "head.momentum", "model.peer_momentum",
+UNIT_INTERVAL = ("optim.momentum", "optim.beta2", "optim.dampening", "head.momentum",
+                 "model.peer_momentum",
                  "model.cell_noise", "federation.server_momentum", "pepita.dropout",
                  "oneclass.nu", "oneclass.contamination")
 

@@ -49,10 +49,17 @@ def test_unknown_section_in_file(tmp_path):
     ("head.layers=5", "outside 0..2"),
     ("train.negatives=hybrid", "needs train.algorithm = 'unsupervised'"),
     ("train.epochs", "must look like key=value"),
+    ("optim.optimizer=lamb", "choose one of: sgd, adam"),
+    ("optim.beta2=1", r"must be in \[0, 1\)"),
 ])
 def test_bad_values_name_the_key_and_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         config.load("mnist-ff-3x1000", [override])
+
+
+def test_uff_cells_refuse_an_optimizer_they_do_not_use():
+    with pytest.raises(ConfigError, match="UFF cells, which train with AdamW"):
+        config.load("mnist-uff-dae", ["optim.optimizer=adam"])
 
 
 def test_unknown_named_config_lists_choices():

@@ -63,6 +63,23 @@ def test_state_round_trips_exactly():
     assert torch.equal(a.peer_mean, b.peer_mean)
 
 
+def test_adam_layer_learns_and_resumes_exactly_and_refuses_an_sgd_state():
+    adam = OptimConfig(optimizer="adam", lr=0.003, weight_decay=0.0)
+    a = make_layer()
+    a.config.optim = adam
+    a = FFLayer(a.config)
+    assert isinstance(a.optimizer, torch.optim.Adam)
+    for step in range(60):
+        metrics = a.train_step(separable_batch(step)).metrics
+    assert metrics["ff_accuracy"] > 0.95
+    b = FFLayer.from_state(a.state_dict())
+    for step in range(60, 63):  # Adam's moments travel with the state
+        assert torch.equal(a.train_step(separable_batch(step)).out,
+                           b.train_step(separable_batch(step)).out)
+    with pytest.raises(ShapeError, match="optim.optimizer = 'sgd', this run sets 'adam'"):
+        b.load_state_dict(make_layer().state_dict())
+
+
 def test_state_is_a_snapshot():
     layer = make_layer()
     state = layer.state_dict()

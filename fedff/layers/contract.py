@@ -41,7 +41,7 @@ STATE_FORMAT = 2
 
 @dataclass
 class OptimConfig:
-    """Each layer's own optimiser: SGD with momentum and weight decay.
+    """Each layer's own optimiser: SGD with momentum and weight decay, or Adam.
 
     torch's convention: `lr` multiplies the momentum buffer, so with dampening 0 the
     steady-state step is lr / (1 - momentum) times the gradient. dampening = 1 - momentum
@@ -49,8 +49,10 @@ class OptimConfig:
     on MNIST 3 x 1000 (2-epoch sweep of lr in 2.5e-4..1e-2, see the engine's notes).
     """
 
+    optimizer: str = "sgd"  # sgd | adam (beta1 = momentum); UFF cells always use AdamW
     lr: float = 0.0005
     momentum: float = 0.9
+    beta2: float = 0.999  # adam only
     dampening: float = 0.0
     weight_decay: float = 0.0003
     schedule: str = "half-constant-linear"  # | constant | step (x decay at milestones)
@@ -376,19 +378,29 @@ def check_state(state: dict[str, Any], current: LayerConfig) -> None:
     if saved.kind != current.kind:
         raise ShapeError(f"state of a {saved.kind!r} layer cannot load into a "
                          f"{current.kind!r} layer")
+    if saved.optim.optimizer != current.optim.optimizer:
+        raise ShapeError(f"state was trained with optim.optimizer = "
+                         f"{saved.optim.optimizer!r}, this run sets "
+                         f"{current.optim.optimizer!r}; resume with the same optimiser")
     if saved.shape() != current.shape():
         raise ShapeError(f"state is for a {saved.in_features}->{saved.out_features} layer, "
                          f"this layer is {current.in_features}->{current.out_features}")
 
 
 class SGDLayer(Layer):
-    """A layer with one SGD optimiser ("main") set from `optim`: momentum, dampening and
-    weight decay, fused where torch has the kernel."""
+    """A layer with one optimiser ("main") set from `optim`: SGD with momentum, dampening
+    and weight decay, or Adam (`optim.optimizer`), fused where torch has the kernel."""
 
     def hyper(self, name: str) -> dict[str, Any]:
         o = self.config.optim
+        if o.optimizer == "adam":
+            return {"lr": o.lr, "betas": (o.momentum, o.beta2), "weight_decay": o.weight_decay}
         return {"lr": o.lr, "momentum": o.momentum, "dampening": o.dampening,
                 "weight_decay": o.weight_decay}
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"main": make_sgd(self.module.parameters(), self.device, **self.hyper("main"))}
+        params, hyper = self.module.parameters(), self.hyper("main")
+        if self.config.optim.optimizer == "adam":
+            return {"main": torch.optim.Adam(params, fused=self.device.type in ("cpu", "cuda"),
+                                             **hyper)}
+        return {"main": make_sgd(params, self.device, **hyper)}

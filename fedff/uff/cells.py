@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedff.errors import ShapeError
+from fedff.errors import ConfigError, ShapeError
 from fedff.layers.contract import Layer, LayerBatch, LayerConfig, LayerResult, Pending
 
 GAN_NOISE = 64
@@ -120,6 +120,13 @@ class Cell(Layer):
 
     def _build(self) -> nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        if cfg.optim.optimizer != "sgd":
+            raise ConfigError(f"optim.optimizer = {cfg.optim.optimizer!r} does not apply to "
+                              f"UFF cells, which train with AdamW (the UFF paper's); leave "
+                              f"it at 'sgd' (it selects the optimiser of ff and pepita layers)")
 
     def hyper(self, name: str) -> dict[str, Any]:
         return {"lr": self.config.optim.lr, "weight_decay": self.config.optim.weight_decay}
