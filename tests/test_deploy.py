@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -24,7 +26,8 @@ def load_script(name: str):
 def test_a_real_deployment_runs_end_to_end_and_the_coordinator_tells_failure(tmp_path):
     """One deployment, two runs: a failing run first, then a good one on the same nodes."""
     deploy = load_script("deploy_local")
-    with deploy.deployment(tmp_path / "work") as env:
+    with deploy.deployment(tmp_path / "work") as site:
+        env = site.env
         failed = deploy.submit(env, ["overrides='federation.rounds=0'"], 300,
                                capture_output=True, text=True)
         done = deploy.submit(env, [
@@ -45,3 +48,27 @@ def test_a_real_deployment_runs_end_to_end_and_the_coordinator_tells_failure(tmp
     for site, workers in ((0, 2), (1, 1)):
         saved = list((tmp_path / "work").glob(f"site{site}-worker*/worker.pt"))
         assert len(saved) == workers, saved
+
+
+def test_a_crashed_site_rejoins_under_the_restart_rule_and_leaves_nothing_behind(tmp_path):
+    """SIGKILL to site 1's SuperNode after round 1, restarted 10 s after every exit (the
+    templates' rule): the round it was in reports it, it is back within two rounds,
+    its unit holds one SuperNode and one superexec, and nothing outlives the deployment."""
+    drill = load_script("drill_restart")
+    args = drill.main_parser().parse_args(
+        ["--kill", "site1-supernode", "--after-round", "1", "--rounds", "4",
+         "--restart", "10",
+         "--overrides", "model.hidden=[40,40,40] federation.fraction_evaluate=0"])
+    report = drill.drill(args, tmp_path / "work")
+    assert report["coordinator_exit"] == 0, report["coordinator_log"]
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert rounds[0]["replies"] == 2
+    # round 2 was under way: it waited for the dead node's heartbeat to lapse
+    assert rounds[1]["replies"] == 1 and any("node 1" in f for f in rounds[1]["failures"])
+    assert report["site_back_in_round"] is not None and report["site_back_in_round"] <= 4
+    assert all(r["replies"] == 2 for r in rounds if r["round"] >= report["site_back_in_round"])
+    events = [e["event"] for e in report["events"] if e["process"] == "site1-supernode"]
+    assert events[:2] == ["killed", "exited"] and "restarted" in events
+    assert sorted(report["killed_unit_processes"]) == ["flower-superexec", "flower-supernode"]
+    assert report["leftover_processes"] == []

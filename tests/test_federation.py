@@ -155,5 +155,7 @@ def test_a_restarted_coordinator_keeps_the_server_momentum(tmp_path):
     first.save()
     again = Coordinator(cfg, tmp_path, resume=True, show_progress=False)
     assert again.done == 1 and again.strategy.round_offset == 1
+    again.save()  # a second restart adds to the record of resumes
+    assert Coordinator(cfg, tmp_path, resume=True, show_progress=False).resumed_after == [1, 1]
     np.testing.assert_array_equal(again.strategy.server.velocity["layer0.weight"],
                                   velocity["layer0.weight"])

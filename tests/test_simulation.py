@@ -115,7 +115,7 @@ def test_restarted_coordinator_resumes_after_its_last_round(tmp_path):
     summary = simulate_with(cfg3, fed_apps.recording_app(cfg3, str(tmp_path)),
                             tmp_path / "run", resume=True)
     assert [r["round"] for r in summary["history"]] == [1, 2, 3]
-    assert summary["rounds"] == 3
+    assert summary["rounds"] == 3 and summary["resumed_after_rounds"] == [2]
     # round 3 started from round 2's global model: what the clients sent in round 3 was
     # trained from it, so it differs from it, and the result is their mean
     replies = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("client*.json"))]

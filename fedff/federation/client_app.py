@@ -46,15 +46,18 @@ def node_config(cfg: Config, node: dict[str, Any]) -> tuple[Config, int, int, li
     return cfg, int(node["partition-id"]), int(node["num-partitions"]), workers
 
 
-def _pipeline_builder(addresses: list[str], context: Context):
+def _pipeline_builder(addresses: list[str], context: Context, server_round: int):
     """Builds the Pipeline over this site's workers, with the node config's worker TLS
     (`worker-tls-ca`, `worker-tls-cert`, `worker-tls-key`, `worker-mtls`) and token
     (`worker-token-file`), the same settings as `fedff pipeline`'s flags; workers off
     this host without a token or mTLS need `worker-insecure=true`. The workers serve one
-    Flower run at a time: the run id is the Flower run's, and a new Flower run takes the
-    site's workers over (the operator gave them to this SuperNode in its node config)."""
+    round of one Flower run at a time: each round takes the site's workers over (the
+    operator gave them to this SuperNode in its node config) and loads the global model,
+    so the ClientApp of an unfinished round (a site that crashed mid-round, whose
+    ClientApp outlived it) is refused by the workers instead of training into the next
+    round's model."""
     node = dict(context.node_config)
-    run_id = f"flower-{context.run_id}-node-{context.node_id}"
+    run_id = f"flower-{context.run_id}-node-{context.node_id}-round-{server_round}"
     from fedff.pipeline.driver import Pipeline
     from fedff.wire.security import Security
 
@@ -85,10 +88,11 @@ def setup(fixed: Config | None, context: Context) -> tuple[Config, Any, int, lis
 def train_reply(fixed: Config | None, msg: Message, context: Context) -> Message:
     cfg, ds, pid, workers = setup(fixed, context)
     settings: ConfigRecord = msg.content["config"]
+    server_round = int(settings["server-round"])
     arrays, metrics = client_train(
-        cfg, ds, msg.content["arrays"], int(settings["server-round"]),
+        cfg, ds, msg.content["arrays"], server_round,
         [int(i) for i in settings["train-layers"]], partition_id=pid,
-        build=_pipeline_builder(workers, context) if workers else None)
+        build=_pipeline_builder(workers, context, server_round) if workers else None)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 

@@ -57,11 +57,13 @@ class Coordinator:
         self.arrays = initial_arrays(self.cfg, spec_of(self.data))
         self.history: list[dict[str, Any]] = []
         self.done = 0  # rounds finished (and checkpointed)
+        self.resumed_after: list[int] = []  # the round each resume of this run started at
         saved = load_checkpoint(out_dir) if resume else None
         if saved is not None:
             self.net.load_state_dict(saved["network"])
             self.arrays = network_arrays(self.net)
             self.history, self.done = saved["history"], int(saved["federation"]["round"])
+            self.resumed_after = [*saved["federation"].get("resumed_after", []), self.done]
             logger.warning("resuming after round %d from %s", self.done, out_dir / CHECKPOINT)
         elif (out_dir / CHECKPOINT).exists():
             load_checkpoint(out_dir)  # refuses a non-federation checkpoint
@@ -121,7 +123,7 @@ class Coordinator:
         self.net.epoch = self.done * self.cfg.federation.local_epochs
         files.save({"network": self.net.state_dict(), "history": self.history,
                     "train_seconds": sum(r["round_seconds"] for r in self.history),
-                    "federation": {"round": self.done,
+                    "federation": {"round": self.done, "resumed_after": self.resumed_after,
                                    "server_velocity": self.strategy.server.velocity}},
                    self.out_dir / CHECKPOINT)
         write_json(self.out_dir / "metrics.json", self.summary())
@@ -136,6 +138,7 @@ class Coordinator:
         overheads = sorted(r["overhead_fraction"] for r in self.history)
         return {"config": self.cfg.to_dict(), "dataset": self.data.name,
                 "rounds": self.done, "epochs": self.done * self.cfg.federation.local_epochs,
+                "resumed_after_rounds": self.resumed_after,
                 "test_error": final.get("test_error"), "error_head": final.get("error_head"),
                 "error_goodness": final.get("error_goodness"),
                 "layer_errors": final.get("layer_errors"),
