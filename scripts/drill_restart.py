@@ -48,35 +48,44 @@ def program(cmdline: str) -> str:
 
 
 def drill(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    out = work / "out"
+    """The drill on a deployment of its own in `work`, and what was left of it after."""
+    with deploy_local.deployment(work, restart=args.restart) as site:
+        report = drill_on(site, args, work / "out")
+    report["leftover_processes"] = deploy_local.leftovers(work)
+    return report
+
+
+def drill_on(site: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One run on a running deployment (deploy_local.Deployment), `args.kill` crashed
+    once the run has checkpointed `args.after_round` rounds; the report of the run."""
     overrides = f"{RUN_OVERRIDES} federation.rounds={args.rounds} {args.overrides}".strip()
     run_config = [f"config='{args.config}'", f"overrides='{overrides}'", f"out-dir='{out}'"]
     report: dict[str, Any] = {"kill": args.kill, "after_round": args.after_round,
                               "restart_seconds": args.restart, "config": args.config,
                               "overrides": overrides}
-    with deploy_local.deployment(work, restart=args.restart) as site:
-        coordinator = deploy_local.submit_async(
-            site.env, run_config, args.timeout, "--resume-lost", str(args.resume_lost),
-            stdout=open(work / "logs/coordinator.log", "w"), stderr=subprocess.STDOUT)
-        while args.kill != "none" and coordinator.poll() is None:
-            if len(rounds_done(out)) >= args.after_round:
-                site.procs.crash(args.kill)
-                break
-            time.sleep(0.5)
-        report["coordinator_exit"] = coordinator.wait()
-        report["events"] = site.procs.events
-        if args.kill != "none":  # after its restart: one of each, no duplicates
-            report["killed_unit_processes"] = sorted(
-                program(cmd) for cmd in deploy_local.members(
-                    deploy_local.UNIT, site.procs.unit(args.kill)).values())
-    report["leftover_processes"] = deploy_local.leftovers(work)
-    report["coordinator_log"] = (work / "logs/coordinator.log").read_text()[-3000:]
+    log = site.work / "logs/coordinator.log"
+    coordinator = deploy_local.submit_async(
+        site.env, run_config, args.timeout, "--resume-lost", str(args.resume_lost),
+        stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    while args.kill != "none" and coordinator.poll() is None:
+        if len(rounds_done(out)) >= args.after_round:
+            site.procs.crash(args.kill)
+            break
+        time.sleep(0.5)
+    report["coordinator_exit"] = coordinator.wait()
+    report["coordinator_log"] = log.read_text()[-3000:]
+    report["events"] = list(site.procs.events)
+    if args.kill != "none":  # after its restart: one of each, no duplicates
+        report["killed_unit_processes"] = sorted(
+            program(cmd) for cmd in deploy_local.members(
+                deploy_local.UNIT, site.procs.unit(args.kill)).values())
     history = rounds_done(out)
     report["rounds"] = [{k: r.get(k) for k in ("round", "sampled", "replies", "failures",
                                                  "test_error")} for r in history]
     report["final_test_error"] = history[-1]["test_error"] if history else None
-    killed_at = args.after_round
-    back = [r["round"] for r in history if r["round"] > killed_at and r["replies"] == 2]
+    report["resumed_after_rounds"] = json.loads(
+        (out / "metrics.json").read_text()).get("resumed_after_rounds") if history else None
+    back = [r["round"] for r in history if r["round"] > args.after_round and r["replies"] == 2]
     report["site_back_in_round"] = back[0] if args.kill.startswith("site") and back else None
     return report
 
@@ -94,6 +103,7 @@ def show(report: dict[str, Any]) -> None:
               + (f" (code {e['code']})" if "code" in e else ""))
     print(f"the killed unit's processes before the stop: "
           f"{report.get('killed_unit_processes')}")
+    print(f"the run resumed after rounds: {report['resumed_after_rounds']}")
     print(f"site back in round: {report['site_back_in_round']}; final test error: "
           f"{report['final_test_error']}; processes left: {len(report['leftover_processes'])}")
     for line in report["leftover_processes"]:

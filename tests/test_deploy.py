@@ -1,6 +1,7 @@
 """A real deployment on one host, as a user runs it: SuperLink (TLS, SuperNode
 authentication, no runtime dependency installation), two SuperNodes, their layer workers,
-and scripts/run_coordinator.py, whose exit status must tell success from failure."""
+and scripts/run_coordinator.py, whose exit status must tell success from failure; a site
+that crashes mid-run comes back under the templates' restart rule."""
 
 from __future__ import annotations
 
@@ -23,52 +24,41 @@ def load_script(name: str):
     return module
 
 
-def test_a_real_deployment_runs_end_to_end_and_the_coordinator_tells_failure(tmp_path):
-    """One deployment, two runs: a failing run first, then a good one on the same nodes."""
-    deploy = load_script("deploy_local")
-    with deploy.deployment(tmp_path / "work") as site:
-        env = site.env
-        failed = deploy.submit(env, ["overrides='federation.rounds=0'"], 300,
+def test_a_real_deployment_runs_end_to_end_and_a_crashed_site_rejoins(tmp_path):
+    """One deployment, every process supervised as the templates do (restarted 10 s after
+    it exits), two runs: a failing run first, then a good one during which site 1's
+    SuperNode gets SIGKILL after round 1. The coordinator tells the failure; the round
+    the site was in reports it; it is back within two rounds; its unit holds one
+    SuperNode and one superexec; nothing outlives the deployment."""
+    deploy, drill = load_script("deploy_local"), load_script("drill_restart")
+    args = drill.main_parser().parse_args(
+        ["--kill", "site1-supernode", "--after-round", "1", "--rounds", "4",
+         "--restart", "10", "--overrides", "model.hidden=[40,40,40]"])
+    with deploy.deployment(tmp_path / "work", restart=args.restart) as site:
+        failed = deploy.submit(site.env, ["overrides='federation.rounds=0'"], 300,
                                capture_output=True, text=True)
-        done = deploy.submit(env, [
-            "overrides='federation.rounds=2 train.negatives=random model.hidden=[40,40,40] "
-            "federation.fraction_evaluate=1'", f"out-dir='{tmp_path / 'out'}'"], 400,
-            capture_output=True, text=True)
+        report = drill.drill_on(site, args, tmp_path / "out")
     # the failed run: exit status 1 and the ServerApp's error, from the run's log
     assert failed.returncode == 1, (failed.stdout + failed.stderr)[-3000:]
     assert "finished:failed" in failed.stdout
     assert "federation.rounds" in failed.stderr
-    # the good run
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert '"status": "finished:completed"' in done.stdout
-    summary = json.loads((tmp_path / "out/metrics.json").read_text())
-    assert [r["replies"] for r in summary["history"]] == [2, 2]
-    assert 0 <= summary["history"][-1]["client_eval"]["error_head"] <= 1
-    # each site trained through its own workers: they checkpointed what they hold
-    for site, workers in ((0, 2), (1, 1)):
-        saved = list((tmp_path / "work").glob(f"site{site}-worker*/worker.pt"))
-        assert len(saved) == workers, saved
-
-
-def test_a_crashed_site_rejoins_under_the_restart_rule_and_leaves_nothing_behind(tmp_path):
-    """SIGKILL to site 1's SuperNode after round 1, restarted 10 s after every exit (the
-    templates' rule): the round it was in reports it, it is back within two rounds,
-    its unit holds one SuperNode and one superexec, and nothing outlives the deployment."""
-    drill = load_script("drill_restart")
-    args = drill.main_parser().parse_args(
-        ["--kill", "site1-supernode", "--after-round", "1", "--rounds", "4",
-         "--restart", "10",
-         "--overrides", "model.hidden=[40,40,40] federation.fraction_evaluate=0"])
-    report = drill.drill(args, tmp_path / "work")
+    # the good run, with its crash
     assert report["coordinator_exit"] == 0, report["coordinator_log"]
+    assert '"status": "finished:completed"' in report["coordinator_log"]
     rounds = report["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
-    assert rounds[0]["replies"] == 2
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and rounds[0]["replies"] == 2
     # round 2 was under way: it waited for the dead node's heartbeat to lapse
     assert rounds[1]["replies"] == 1 and any("node 1" in f for f in rounds[1]["failures"])
-    assert report["site_back_in_round"] is not None and report["site_back_in_round"] <= 4
-    assert all(r["replies"] == 2 for r in rounds if r["round"] >= report["site_back_in_round"])
+    back = report["site_back_in_round"]
+    assert back is not None and back <= 4
+    assert all(r["replies"] == 2 for r in rounds if r["round"] >= back)
     events = [e["event"] for e in report["events"] if e["process"] == "site1-supernode"]
     assert events[:2] == ["killed", "exited"] and "restarted" in events
     assert sorted(report["killed_unit_processes"]) == ["flower-superexec", "flower-supernode"]
-    assert report["leftover_processes"] == []
+    assert deploy.leftovers(tmp_path / "work") == []
+    summary = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert 0 <= summary["history"][-1]["client_eval"]["error_head"] <= 1
+    # each site trained through its own workers: they checkpointed what they hold
+    for site_id, workers in ((0, 2), (1, 1)):
+        saved = list((tmp_path / "work").glob(f"site{site_id}-worker*/worker.pt"))
+        assert len(saved) == workers, saved
