@@ -1,12 +1,13 @@
 """A layer-worker chain over emulated network links: samples/s against loopback.
 
 Each of the 3 workers and the driver runs in its own network namespace, joined to one
-bridge by a veth pair; with a link profile, both ends of every veth are shaped with
-`tc netem` (half the one-way delay and the full rate on each), so any two hosts see the
-profile's one-way delay and every host's link has its rate in each direction. Traffic
-never leaves those namespaces. Needs root, `ip` and `tc`. Every (profile, wire dtype,
-window) is measured --reps times, alternating; medians are reported, with each row's
-ratio to the unshaped row of the same wire and window.
+bridge by a veth pair; with a link profile, both ends of every veth are shaped, so every
+host's link has the profile's rate in each direction: a token bucket (`tc tbf`) for the
+rate-only profiles, `tc netem` (half the one-way delay and the rate on each end, so any
+two hosts see the profile's delay) for those with a delay, which need a kernel with
+sch_netem. Traffic never leaves those namespaces. Needs root, `ip` and `tc`. Every
+(profile, wire dtype, window) is measured --reps times, alternating; medians are
+reported, with each row's ratio to the unshaped row of the same wire and window.
 
     sudo python scripts/bench_link.py --data-dir ../shared/data --out bench_link.json
 """
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = {"none": None, "1gbit-0.5ms": ("1gbit", 0.5), "100mbit-10ms": ("100mbit", 10.0)}
+PROFILES = {"none": None, "1gbit": ("1gbit", 0.0), "100mbit": ("100mbit", 0.0),
+            "1gbit-0.5ms": ("1gbit", 0.5), "100mbit-10ms": ("100mbit", 10.0)}
+BITS = {"gbit": 1e9, "mbit": 1e6}
 PREFIX, BRIDGE, PORT = "10.77.0", "ffbr0", 7001
 HOSTS = ["drv", "w0", "w1", "w2"]  # the driver, then the chain in order
 
@@ -69,10 +72,21 @@ def shape(profile: str) -> None:
             prefix = ["ip", "netns", "exec", ns] if ns else []
             subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"],
                            capture_output=True)
-            if PROFILES[profile] is not None:
-                rate, delay_ms = PROFILES[profile]
-                sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay",
-                   f"{delay_ms / 2}ms", "rate", rate, "limit", "100000")
+            if PROFILES[profile] is None:
+                continue
+            rate, delay_ms = PROFILES[profile]
+            if delay_ms:
+                qdisc = ["netem", "delay", f"{delay_ms / 2}ms", "rate", rate, "limit", "100000"]
+            else:  # a bucket of 10 ms at the rate, a queue of 100 ms
+                bucket = int(float(rate[:-4]) * BITS[rate[-4:]] / 8 / 100)
+                qdisc = ["tbf", "rate", rate, "burst", str(bucket), "latency", "100ms"]
+            try:
+                sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", *qdisc)
+            except subprocess.CalledProcessError as err:
+                sys.exit(f"bench_link.py: `tc qdisc add ... {' '.join(qdisc)}` failed: "
+                         f"{err.stderr.strip()}; a delay needs the kernel's sch_netem "
+                         f"(modprobe sch_netem), or choose rate-only --profiles "
+                         f"none,1gbit,100mbit")
 
 
 @contextmanager
@@ -125,16 +139,16 @@ def drive(args: argparse.Namespace) -> None:
     import torch
 
     from fedff import config
-    from fedff.data.datasets import load_dataset
     from fedff.engine.network import InputSpec
     from fedff.pipeline.driver import Pipeline
+    from fedff.train import load_data
     from fedff.wire.security import Security
 
     torch.set_num_threads(1)
     cfg = config.load(args.config, ["train.negatives=random",
                                     *([f"data.data_dir={args.data_dir}"]
                                       if args.data_dir else [])])
-    ds = load_dataset(cfg.data)
+    ds = load_data(cfg)
     spec = InputSpec(ds.features, ds.image_shape, ds.num_classes)
     pipe = Pipeline(cfg, spec, args.drive.split(","),
                     Security.from_args(None, None, None, False, args.token_file),
@@ -158,7 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--config", default="mnist-ff-3x1000-short")
-    ap.add_argument("--profiles", default=",".join(PROFILES))
+    ap.add_argument("--profiles", default="none,1gbit,100mbit",
+                    help=f"comma list of: {', '.join(PROFILES)}")
     ap.add_argument("--wires", default="float32,bfloat16")
     ap.add_argument("--windows", default="4")
     ap.add_argument("--batches", type=int, default=60)
