@@ -40,7 +40,9 @@ def split(ds, validation: int):
             ds.train_x[held], ds.train_y[held])
 
 
-def one_run(name: str, overrides: list[str], seed: int, args) -> dict:
+def one_run(name: str, overrides: list[str], seed: int, args, keep=lambda run: None) -> dict:
+    """One config and seed; `keep(run so far)` after every epoch, so an interrupted
+    search keeps the curve of the run it was in."""
     cfg = config.load(name, [*overrides, f"train.seed={seed}", f"train.threads={args.threads}",
                              *([f"data.data_dir={args.data_dir}"] if args.data_dir else [])])
     ds = load_data(cfg)
@@ -56,6 +58,8 @@ def one_run(name: str, overrides: list[str], seed: int, args) -> dict:
         net.epoch = epoch + 1
         val = float(evaluate(net, val_x, val_y)[key])
         curve.append({"epoch": epoch + 1, "seconds": seconds, "val_error": val})
+        keep({"config": name, "overrides": overrides, "seed": seed, "curve": curve,
+              "unfinished": True})
         if reached is None and val <= args.target:
             test = float(evaluate(net, ds.test_x, ds.test_y)[key])
             reached = {"epoch": epoch + 1, "seconds": seconds, "val_error": val,
@@ -141,7 +145,10 @@ def main() -> None:
     for spec in args.configs:
         name, *overrides = spec.split("@")
         for seed in (int(s) for s in args.seeds.split(",")):
-            run = one_run(name, overrides, seed, args)
+            def keep(partial: dict) -> None:
+                Path(args.out).write_text(json.dumps(
+                    {"target": args.target, "runs": [*runs, partial]}, indent=2))
+            run = one_run(name, overrides, seed, args, keep)
             run["label"], run["first_seed"] = spec, int(args.seeds.split(",")[0])
             runs.append(run)
             Path(args.out).write_text(json.dumps({"target": args.target, "runs": runs},
