@@ -18,7 +18,7 @@ from typing import Any
 
 from fedff.errors import ConfigError
 from fedff.layers import registry
-from fedff.layers.contract import OptimConfig
+from fedff.layers.optim import OptimConfig
 from fedff.oneclass.objectives import OBJECTIVES
 from fedff.oneclass.options import OneclassConfig
 from fedff.pepita.options import PepitaConfig

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedff.layers.contract import OptimConfig
+from fedff.layers.optim import OptimConfig
 from fedff.ff.objectives import rms_normalize
 from fedff.errors import ShapeError
 from fedff.ff.layer import FFLayer

@@ -14,7 +14,8 @@ from torch import nn
 
 from fedff.config import HeadConfig
 from fedff.errors import ShapeError
-from fedff.layers.contract import OptimConfig, lr_factor, make_sgd, set_hyper, snapshot
+from fedff.layers.contract import snapshot
+from fedff.layers.optim import OptimConfig, lr_factor, make_sgd, set_hyper
 
 
 class LinearHead:

@@ -15,7 +15,7 @@ over the wire, possibly batches later.
 
 What a kind writes (see fedff/ff/layer.py and fedff/uff/cells.py):
 - `build_module()`, `hyper(name)` (one entry per optimiser) and `build_optimizers()`
-  (`SGDLayer` writes these two for a single SGD set from `optim`);
+  (`SGDLayer` writes these two for the one optimiser `optim` sets);
 - `begin`, `finish` and `forward_with_score`;
 - optionally `buffers()` (running statistics that travel and are averaged with the
   weights), `extra_state()` / `load_extra_state()` (state that travels but is not
@@ -35,29 +35,10 @@ import torch
 from torch import nn
 
 from fedff.errors import ShapeError
+from fedff.layers.optim import (OptimConfig, lr_factor, make_optimizer, optimizer_hyper,
+                                set_hyper)
 
 STATE_FORMAT = 2
-
-
-@dataclass
-class OptimConfig:
-    """Each layer's own optimiser: SGD with momentum and weight decay, or Adam.
-
-    torch's convention: `lr` multiplies the momentum buffer, so with dampening 0 the
-    steady-state step is lr / (1 - momentum) times the gradient. dampening = 1 - momentum
-    gives the reference code's smoothed gradient at the same lr. The defaults were chosen
-    on MNIST 3 x 1000 (2-epoch sweep of lr in 2.5e-4..1e-2, see the engine's notes).
-    """
-
-    optimizer: str = "sgd"  # sgd | adam (beta1 = momentum); UFF cells always use AdamW
-    lr: float = 0.0005
-    momentum: float = 0.9
-    beta2: float = 0.999  # adam only
-    dampening: float = 0.0
-    weight_decay: float = 0.0003
-    schedule: str = "half-constant-linear"  # | constant | step (x decay at milestones)
-    milestones: list[int] = field(default_factory=lambda: [60, 90])  # step: epochs
-    decay: float = 0.1  # step: the lr factor at each milestone
 
 
 @dataclass
@@ -152,30 +133,6 @@ def aligned(x: torch.Tensor, boundary: int = 64) -> torch.Tensor:
     (no normalisation in between) copies it, so a chain computes what one process does.
     """
     return x if x.data_ptr() % boundary == 0 else x.clone()
-
-
-def make_sgd(params: Any, device: torch.device, **hyper: float) -> torch.optim.SGD:
-    """SGD, fused where torch has a fused kernel: one pass over weights, gradients and
-    momentum instead of five; on the CPU that is a third of a 3 x 1000 step."""
-    return torch.optim.SGD(params, fused=device.type in ("cpu", "cuda"), **hyper)
-
-
-def lr_factor(schedule: str, epoch: int, epochs: int, milestones: list[int] | None = None,
-              decay: float = 0.1) -> float:
-    """FF's reference schedule: constant for the first half, then linearly down to ~0;
-    or constant; or `step`: times `decay` at each milestone epoch passed (PEPITA's)."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "step":
-        return decay ** sum(epoch >= m for m in (milestones or []))
-    return min(1.0, 2.0 * (epochs - epoch) / epochs)
-
-
-def set_hyper(optimizer: torch.optim.Optimizer, hyper: dict[str, Any], factor: float) -> None:
-    """The config's hyperparameters into every param group, lr scaled by the schedule."""
-    for group in optimizer.param_groups:
-        group.update(hyper)
-        group["lr"] = hyper["lr"] * factor
 
 
 class Layer(ABC):
@@ -388,19 +345,12 @@ def check_state(state: dict[str, Any], current: LayerConfig) -> None:
 
 
 class SGDLayer(Layer):
-    """A layer with one optimiser ("main") set from `optim`: SGD with momentum, dampening
-    and weight decay, or Adam (`optim.optimizer`), fused where torch has the kernel."""
+    """A layer with one optimiser ("main") set from `optim` (fedff/layers/optim.py):
+    SGD with momentum, dampening and weight decay, or Adam, fused where torch has it."""
 
     def hyper(self, name: str) -> dict[str, Any]:
-        o = self.config.optim
-        if o.optimizer == "adam":
-            return {"lr": o.lr, "betas": (o.momentum, o.beta2), "weight_decay": o.weight_decay}
-        return {"lr": o.lr, "momentum": o.momentum, "dampening": o.dampening,
-                "weight_decay": o.weight_decay}
+        return optimizer_hyper(self.config.optim)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        params, hyper = self.module.parameters(), self.hyper("main")
-        if self.config.optim.optimizer == "adam":
-            return {"main": torch.optim.Adam(params, fused=self.device.type in ("cpu", "cuda"),
-                                             **hyper)}
-        return {"main": make_sgd(params, self.device, **hyper)}
+        return {"main": make_optimizer(self.module.parameters(), self.device,
+                                       self.config.optim)}
