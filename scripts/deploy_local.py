@@ -75,9 +75,9 @@ class Processes:
 
     def _spawn(self, name: str) -> subprocess.Popen:
         cmd, env, _ = self.specs[name]
-        log = open(self.logs / f"{name}.log", "a")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**env, UNIT: self.unit(name)}, start_new_session=True)
+        with open(self.logs / f"{name}.log", "a") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**env, UNIT: self.unit(name)}, start_new_session=True)
         self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, proc)]
         return proc
 
