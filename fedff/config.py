@@ -40,6 +40,7 @@ class DataConfig:
 class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])
     objective: str = "hinton"  # hinton: positives have high goodness | low: the opposite
+    #                            | symba: pairwise, positive above its negative (SymBa)
     threshold_scale: float = 1.0  # theta = threshold_scale * units in the layer
     temperature: float = 1.0
     peer_norm: float = 0.03
@@ -55,7 +56,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     algorithm: str = "supervised"  # supervised (label overlay) | unsupervised (hybrid images)
-    negatives: str = "hard"  # supervised: random | hard; unsupervised: hybrid | none
+    negatives: str = "hard"  # supervised: random | hard | hard-memory; unsup.: hybrid | none
     epochs: int = 100
     batch_size: int = 100
     seed: int = 0
@@ -148,7 +149,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "mnist", "fashion-mnist"),
     "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("half-constant-linear", "constant", "step"),
-    "model.objective": ("hinton", "low", *OBJECTIVES),  # FF | one-class (fedff/oneclass)
+    "model.objective": ("hinton", "low", "symba", *OBJECTIVES),  # FF | one-class (fedff/oneclass)
     "model.collaboration": ("none", "earlier", "all"),
     "train.algorithm": ("supervised", "unsupervised", "pepita", "oneclass"),
     "pepita.feedback": ("fixed", "mirror"),
@@ -156,7 +157,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pepita.last_error": ("pass1", "pass2"),
     "oneclass.normalize": ("rms", "l2", "none"),
     "oneclass.score": ("last", "sum"),
-    "train.negatives": ("random", "hard", "hybrid", "none"),
+    "train.negatives": ("random", "hard", "hard-memory", "hybrid", "none"),
     "train.device": ("cpu", "cuda", "auto"),
     "train.classify": ("goodness", "head", "probe"),
     "federation.schedule": ("all", "progressive"),
@@ -298,7 +299,7 @@ def validate(cfg: Config) -> Config:
     sup = cfg.train.algorithm == "supervised"  # PEPITA's rules: its kind's check_config
     if sup and cfg.train.negatives in ("hybrid", "none"):
         raise ConfigError(f"train.negatives = {cfg.train.negatives!r} needs train.algorithm = "
-                          f"'unsupervised'; use random or hard for supervised FF")
+                          f"'unsupervised'; use random, hard or hard-memory for supervised FF")
     elif cfg.train.algorithm == "unsupervised" and cfg.train.negatives not in ("hybrid", "none"):
         raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images "
                           f"(or none, for UFF cells); set train.negatives = 'hybrid' or 'none' "

@@ -100,7 +100,7 @@ def train_epoch(net: Network, ds: Dataset, epoch: int, show: bool) -> dict[str, 
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
                disable=not show, dynamic_ncols=True)
     for idx in bar:
-        metrics = net.train_batch(ds.train_x[idx], ds.train_y[idx])
+        metrics = net.train_batch(ds.train_x[idx], ds.train_y[idx], idx)
         if metrics:  # a worker chain reports a batch's metrics when its ack returns
             progress.add(metrics)
     for metrics in net.end_epoch():

@@ -85,9 +85,24 @@ def drill_on(site: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     report["final_test_error"] = history[-1]["test_error"] if history else None
     report["resumed_after_rounds"] = json.loads(
         (out / "metrics.json").read_text()).get("resumed_after_rounds") if history else None
-    back = [r["round"] for r in history if r["round"] > args.after_round and r["replies"] == 2]
-    report["site_back_in_round"] = back[0] if args.kill.startswith("site") and back else None
+    report["site_back_in_round"] = back_in_round(history, args.after_round) \
+        if args.kill.startswith("site") else None
     return report
+
+
+def back_in_round(history: list[dict[str, Any]], after_round: int) -> int | None:
+    """The first full round after the one the crash hit. The kill lands after round
+    `after_round` checkpointed, but a fast site may have replied to the next round
+    already, so the hit round is the first one short of replies, not a fixed number.
+    Full means as many replies as round 1 had, when every site was up."""
+    if not history:
+        return None
+    full = history[0]["replies"]
+    later = [r for r in history if r["round"] > after_round]
+    hit = next((i for i, r in enumerate(later) if r["replies"] < full), None)
+    if hit is None:
+        return None
+    return next((r["round"] for r in later[hit + 1:] if r["replies"] == full), None)
 
 
 def show(report: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ def test_unknown_section_in_file(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("train.epochs=0", "'train.epochs' must be > 0"),
     ("train.epochs=abc", "'train.epochs' must be an integer"),
-    ("train.negatives=fancy", "choose one of: random, hard, hybrid"),
+    ("train.negatives=fancy", "choose one of: random, hard, hard-memory, hybrid"),
     ("model.hidden=0,3", "positive layer widths"),
     ("optim.momentum=1.5", r"must be in \[0, 1\)"),
     ("head.layers=5", "outside 0..2"),

@@ -28,7 +28,7 @@ def test_a_real_deployment_runs_end_to_end_and_a_crashed_site_rejoins(tmp_path):
     """One deployment, every process supervised as the templates do (restarted 10 s after
     it exits), two runs: a failing run first, then a good one during which site 1's
     SuperNode gets SIGKILL after round 1. The coordinator tells the failure; the round
-    the site was in reports it; it is back within two rounds; its unit holds one
+    the crash hit reports it; it is back within two rounds; its unit holds one
     SuperNode and one superexec; nothing outlives the deployment."""
     deploy, drill = load_script("deploy_local"), load_script("drill_restart")
     args = drill.main_parser().parse_args(
@@ -47,10 +47,13 @@ def test_a_real_deployment_runs_end_to_end_and_a_crashed_site_rejoins(tmp_path):
     assert '"status": "finished:completed"' in report["coordinator_log"]
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4] and rounds[0]["replies"] == 2
-    # round 2 was under way: it waited for the dead node's heartbeat to lapse
-    assert rounds[1]["replies"] == 1 and any("node 1" in f for f in rounds[1]["failures"])
+    # the round the crash hit (2, or 3 when site 1 had replied to round 2 before the kill
+    # landed) waited for the dead node's heartbeat to lapse and reported it
+    hit = next(r for r in rounds if r["replies"] < 2)
+    assert hit["round"] in (2, 3) and hit["replies"] == 1, rounds
+    assert any("node 1" in f for f in hit["failures"]), hit
     back = report["site_back_in_round"]
-    assert back is not None and back <= 4
+    assert back is not None and hit["round"] < back <= 4, rounds
     assert all(r["replies"] == 2 for r in rounds if r["round"] >= back)
     events = [e["event"] for e in report["events"] if e["process"] == "site1-supernode"]
     assert events[:2] == ["killed", "exited"] and "restarted" in events

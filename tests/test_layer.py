@@ -36,7 +36,7 @@ def test_output_is_detached_and_rms_normalised():
     assert result.out.shape == (128, 16) and result.score.shape == (128,)
 
 
-@pytest.mark.parametrize("objective", ["hinton", "low"])
+@pytest.mark.parametrize("objective", ["hinton", "low", "symba"])
 def test_layer_learns_to_separate(objective):
     layer = make_layer(objective=objective)
     for step in range(150):
@@ -45,7 +45,7 @@ def test_layer_learns_to_separate(objective):
     test = separable_batch(10_000)
     g = layer._activity(test.x)[2]
     pos_high = g[:64].mean() > g[64:].mean()
-    assert pos_high == (objective == "hinton")
+    assert pos_high == (objective != "low")
 
 
 def test_state_round_trips_exactly():
@@ -135,7 +135,8 @@ def test_schedule_halves_then_decays_to_near_zero():
 
 
 @pytest.mark.parametrize("objective,gamma", [("hinton", None), ("low", None),
-                                             ("hinton", "random")])
+                                             ("hinton", "random"), ("symba", None),
+                                             ("symba", "random")])
 def test_update_equals_autograd_of_the_reference_loss(objective, gamma):
     """The hand-written update is the gradient of softplus-of-goodness + peer push."""
     layer = make_layer(objective=objective, peer_norm=0.03, temperature=2.0)
@@ -185,6 +186,22 @@ def test_loss_grad_and_accuracy_match_the_reference_formulas(objective, gamma):
     metrics = layer.finish(pending, batch.gamma).metrics
     assert metrics["loss"] == pytest.approx(float(reference), rel=1e-5)
     assert metrics["ff_accuracy"] == correct / 50
+
+
+def test_symba_is_softplus_of_each_pairs_score_gap_and_needs_pairs():
+    """SymBa's loss from its definition, per pair (Lee and Song 2023); a batch whose
+    negatives do not pair up with its positives is refused with the fix."""
+    layer = make_layer(objective="symba", temperature=0.5)
+    batch = separable_batch(8, n=16)
+    pending = layer.begin(batch)
+    g = pending.y.pow(2).sum(1)
+    gap = (g[:16] - g[16:]) / 0.5  # alpha = 1 / T; the threshold cancels
+    loss, d_goodness, n_right = layer.objective.loss_and_grad(pending.score, 16, None)
+    assert float(loss) == pytest.approx(float(torch.log1p(torch.exp(-gap)).mean()), rel=1e-5)
+    assert torch.allclose(d_goodness[:16], -d_goodness[16:])  # symmetric in each pair
+    assert int(n_right) == 2 * int((gap > 0).sum())
+    with pytest.raises(ShapeError, match="n_pos negatives.*train.negatives"):
+        layer.train_step(LayerBatch(batch.x[:24], n_pos=16))
 
 
 def test_weights_move_between_layers_without_optimiser_state():

@@ -4,7 +4,7 @@ import torch
 from fedff import config
 from fedff.data.datasets import load_digits
 from fedff.engine.evaluate import evaluate
-from fedff.errors import ShapeError
+from fedff.errors import ConfigError, ShapeError
 from fedff.ff.layer import FFLayer
 from fedff.engine.block import Packet
 from fedff.engine.network import FFNetwork, InputSpec
@@ -19,7 +19,7 @@ def train(cfg: config.Config, epochs: int) -> FFNetwork:
         net.set_epoch(epoch)
         order = torch.randperm(len(DIGITS.train_y), generator=net.generator)
         for idx in order.split(cfg.train.batch_size):
-            net.train_batch(DIGITS.train_x[idx], DIGITS.train_y[idx])
+            net.train_batch(DIGITS.train_x[idx], DIGITS.train_y[idx], idx)
     return net
 
 
@@ -103,6 +103,34 @@ def test_network_state_round_trip_continues_identically():
     for la, lb in zip(a.layers, b.layers):
         assert torch.equal(la.module.weight, lb.module.weight)
     assert torch.equal(a.head_logits(x), b.head_logits(x))
+
+
+def test_hard_memory_negatives_draw_from_each_examples_previous_prediction():
+    """First visit: uniform wrong labels, so epoch 1 trains what train.negatives = random
+    trains; then the remembered predictions steer the draw (to the labels the head
+    confused), so epoch 2 differs; the memory resumes with the checkpoint."""
+    memory, random_ = train(small("train.negatives=hard-memory"), 1), train(
+        small("train.negatives=random"), 1)
+    for a, b in zip(memory.layers, random_.layers):
+        assert torch.equal(a.module.weight, b.module.weight)
+    state = memory.state_dict()["negative_memory"]
+    assert bool(state["seen"].all()) and state["probs"].shape == (len(DIGITS.train_y), 10)
+    assert torch.allclose(state["probs"].sum(1), torch.ones(len(DIGITS.train_y)))
+    two = train(small("train.negatives=hard-memory"), 2)
+    assert not torch.equal(two.layers[0].module.weight,
+                           train(small("train.negatives=random"), 2).layers[0].module.weight)
+    # drawn in proportion to the remembered prediction, never the true label
+    probs = torch.tensor([[0.0, 0.9, 0.1] + [0.0] * 7]).repeat(2000, 1)
+    labels, index = torch.zeros(2000, dtype=torch.long), torch.arange(2000)
+    mem = type(memory.memory)(10)
+    mem.remember(index, probs)
+    wrong = mem.wrong_labels(labels, index, torch.Generator().manual_seed(0))
+    assert set(wrong.tolist()) <= {1, 2} and 0.85 < float((wrong == 1).float().mean()) < 0.95
+    resumed = FFNetwork(small("train.negatives=hard-memory"), SPEC)
+    resumed.load_state_dict(memory.state_dict())
+    assert torch.equal(resumed.memory.probs, memory.memory.probs)
+    with pytest.raises(ConfigError, match="train_batch needs `index`"):
+        resumed.train_batch(DIGITS.train_x[:8], DIGITS.train_y[:8])
 
 
 def test_wrong_batch_shape_names_the_fix():

@@ -155,7 +155,7 @@ def test_configs_that_do_not_apply_are_refused(overrides, message):
 def test_a_normal_class_the_dataset_lacks_and_an_ff_layer_with_a_one_class_loss_are_refused():
     with pytest.raises(ConfigError, match="oneclass.normal = 12 is not a class of digits"):
         load_data(oneclass("oneclass.normal=12"))
-    with pytest.raises(ConfigError, match="FF layers take 'hinton' or 'low'"):
+    with pytest.raises(ConfigError, match="FF layers take 'hinton', 'low' or 'symba'"):
         config.load("digits-ff", ["model.objective=hb-svdd"])
 
 

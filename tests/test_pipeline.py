@@ -55,12 +55,12 @@ def chain_state(cfg, root: Path, workers: int = 3, kill_after: int | None = None
         sent = 0
         original = pipe.train_batch
 
-        def counting(x, y):
+        def counting(x, y, index=None):
             nonlocal sent
             sent += 1
             if sent == kill_after:
                 chain.kill(victim)
-            return original(x, y)
+            return original(x, y, index)
 
         pipe.train_batch = counting
         try:
@@ -81,6 +81,10 @@ def assert_same_network(a: dict, b: dict) -> None:
         for k in la["buffers"]:
             assert torch.equal(la["buffers"][k], lb["buffers"][k]), k
     assert torch.equal(a["head"]["linear"]["weight"], b["head"]["linear"]["weight"])
+    assert a.keys() - {"pipeline"} == b.keys()
+    if "negative_memory" in a:  # hard-memory: the same predictions remembered
+        for k in ("probs", "seen"):
+            assert torch.equal(a["negative_memory"][k], b["negative_memory"][k]), k
 
 
 def test_split_layers():
@@ -92,6 +96,7 @@ def test_split_layers():
 
 @pytest.mark.parametrize("overrides,workers", [
     ((), 3),
+    (("train.negatives=hard-memory", "train.epochs=3"), 3),
     (("model.collaboration=earlier",), 2),
     (("train.algorithm=unsupervised", "train.negatives=hybrid", "train.classify=head"), 3),
     (("train.algorithm=unsupervised", "train.negatives=none", "train.classify=head",
@@ -116,12 +121,15 @@ def test_cff_all_layers_gets_later_scores_through_the_acks(tmp_path):
                                    atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("workers,victim", [(3, 1), (2, 0)])
-def test_killed_worker_resumes_with_no_batch_lost_or_repeated(tmp_path, workers, victim):
+@pytest.mark.parametrize("workers,victim,negatives", [(3, 1, "random"), (2, 0, "random"),
+                                                    (3, 2, "hard-memory")])
+def test_killed_worker_resumes_with_no_batch_lost_or_repeated(tmp_path, workers, victim,
+                                                              negatives):
     """29 batches per epoch; a worker is killed in the middle of the second epoch and
     restarts from its checkpoint (every 5 batches); the chain re-sends what it lost.
-    With 2 workers the victim holds two layers, run as two threads (stages.py)."""
-    cfg = small("train.epochs=3")
+    With 2 workers the victim holds two layers, run as two threads (stages.py). The head's
+    worker killed under hard-memory negatives: no prediction is lost on the way back."""
+    cfg = small("train.epochs=3", f"train.negatives={negatives}")
     piped, chain = chain_state(cfg, tmp_path, workers, kill_after=45, checkpoint_every=5,
                                victim=victim)
     w = chain.workers[victim]
@@ -148,7 +156,7 @@ def test_pipeline_run_writes_outputs_and_eval_matches(tmp_path):
 
 
 def test_hard_negatives_refused_in_a_chain():
-    with pytest.raises(config.ConfigError, match="negatives=random"):
+    with pytest.raises(config.ConfigError, match="negatives=hard-memory"):
         Pipeline(config.load("digits-ff"), SPEC, ["127.0.0.1:1"])
 
 
@@ -390,7 +398,7 @@ def test_cli_refuses_hard_negatives_before_starting_workers(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train.negatives=random" in lines[0]
+    assert len(lines) == 1 and "train.negatives=hard-memory" in lines[0]
     assert not (tmp_path / "run" / "workers").exists()
 
 

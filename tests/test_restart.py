@@ -112,3 +112,17 @@ def test_systemd_units_restart_forever_and_verify(unit, tmp_path):
     local.write_text(text.replace("/opt/fedff/.venv/bin", str(Path(sys.executable).parent)))
     checked = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True)
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
+
+
+@pytest.mark.parametrize("replies, back", [
+    ([2, 1, 1, 2, 2], 4),   # the crash hit round 2, the heartbeat lapsed in round 3
+    ([2, 2, 1, 2], 4),      # site 1 replied to round 2 before the kill landed
+    ([2, 1, 2], 3),
+    ([2, 1, 1], None),      # never back
+    ([2, 2, 2], None),      # never hit
+])
+def test_the_drill_finds_the_round_a_crashed_site_is_back_in(replies, back):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from drill_restart import back_in_round
+    history = [{"round": i + 1, "sampled": 2, "replies": n} for i, n in enumerate(replies)]
+    assert back_in_round(history, after_round=1) == back

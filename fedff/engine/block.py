@@ -225,11 +225,12 @@ class LayerBlock:
         for layer in self.layers:
             layer.end_epoch()
 
-    def train_head(self, p: Packet) -> dict[str, float]:
-        """The head's step on the taps the packet collected (the last block only)."""
+    def train_head(self, p: Packet) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The head's step on the taps the packet collected (the last block only): its
+        predicted probabilities (what `hard-memory` negatives remember) and metrics."""
         if self.head is None or p.labels is None:
-            return {}
-        return self.head.train_step(self.head_features(p.taps), p.labels)[1]
+            return None, {}
+        return self.head.train_step(self.head_features(p.taps), p.labels)
 
     def head_features(self, taps: dict[int, torch.Tensor]) -> torch.Tensor:
         missing = [i for i in self.head_layers if i not in taps]

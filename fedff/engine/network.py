@@ -20,7 +20,7 @@ from fedff.config import Config
 from fedff.ff import negatives as neg
 from fedff.engine.block import LayerBlock, Packet
 from fedff.engine.head import LinearHead
-from fedff.errors import ShapeError
+from fedff.errors import ConfigError, ShapeError
 
 
 UNLABELLED = -1
@@ -69,6 +69,34 @@ def training_rows(cfg: Config, spec: InputSpec, x: torch.Tensor, labels: torch.T
     return torch.cat([x, negs])
 
 
+def prediction_memory(cfg: Config, spec: InputSpec) -> neg.PredictionMemory | None:
+    """The `hard-memory` negatives' memory, where the run uses them."""
+    if cfg.train.algorithm == "supervised" and cfg.train.negatives == "hard-memory":
+        return neg.PredictionMemory(spec.num_classes)
+    return None
+
+
+def visit_index(index: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if index is None or index.shape != (x.shape[0],):
+        raise ConfigError(f"train.negatives = 'hard-memory' remembers each training "
+                          f"example's prediction, so train_batch needs `index`, one place in "
+                          f"the training set per row ({x.shape[0]}); got "
+                          f"{None if index is None else list(index.shape)}. fedff's training "
+                          f"loop passes it; or use train.negatives = 'hard'")
+    return index.cpu()
+
+
+def memory_state(memory: neg.PredictionMemory | None) -> dict[str, Any]:
+    """The checkpoint's entry for the memory ({} without one): an exact resume draws the
+    same negatives."""
+    return {} if memory is None else {"negative_memory": memory.state_dict()}
+
+
+def load_memory(memory: neg.PredictionMemory | None, state: dict[str, Any]) -> None:
+    if memory is not None and state.get("negative_memory") is not None:
+        memory.load_state_dict(state["negative_memory"])
+
+
 def check_batch(spec: InputSpec, x: torch.Tensor, labels: torch.Tensor) -> None:
     if x.dim() != 2 or x.shape[1] != spec.features:
         raise ShapeError(f"batch must have shape [batch, {spec.features}], got "
@@ -110,9 +138,11 @@ class Network(Protocol):
     @property
     def num_layers(self) -> int: ...
     def set_epoch(self, epoch: int) -> None: ...
-    def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Trains on one batch; returns its metrics, or, where batches are in flight,
-        those of an earlier batch (or {} while none has come back)."""
+    def train_batch(self, x: torch.Tensor, labels: torch.Tensor,
+                    index: torch.Tensor | None = None) -> dict[str, float]:
+        """Trains on one batch (`index`: the examples' places in the training set, which
+        `hard-memory` negatives need); returns its metrics, or, where batches are in
+        flight, those of an earlier batch (or {} while none has come back)."""
     def end_epoch(self) -> list[dict[str, float]]:
         """Waits for every batch in flight; returns the metrics that were still out."""
     def label_scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +169,7 @@ class FFNetwork:
         self.head: LinearHead | None = self.block.head  # None: the last layer classifies
         self.head_layers = self.block.head_layers
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.memory = prediction_memory(cfg, spec)
         self.epoch = 0
 
     # -- training --------------------------------------------------------------------
@@ -146,7 +177,8 @@ class FFNetwork:
         self.epoch = epoch
         self.block.set_epoch(epoch)
 
-    def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def train_batch(self, x: torch.Tensor, labels: torch.Tensor,
+                    index: torch.Tensor | None = None) -> dict[str, float]:
         """One step of every layer and of the head on one batch of real examples."""
         check_batch(self.spec, x, labels)
         x, labels = x.to(self.device), labels.to(self.device)
@@ -158,15 +190,22 @@ class FFNetwork:
             probs, head_metrics = self.head.train_step(self.head_features(
                 neg.neutral(x, self.spec.num_classes, t.label_strength)), labels)
             metrics.update(head_metrics)
-        rows = training_rows(self.cfg, self.spec, x, labels, self.generator,
-                             probs if t.negatives == "hard" else None)
+        if self.memory is not None:  # the previous visit's prediction, then this one's
+            assert probs is not None
+            index = visit_index(index, x)
+            wrong = self.memory.wrong_labels(labels, index, self.generator)
+            self.memory.remember(index, probs)
+            rows = overlay_rows(self.cfg, self.spec.num_classes, x, labels, wrong)
+        else:
+            rows = training_rows(self.cfg, self.spec, x, labels, self.generator,
+                                 probs if t.negatives == "hard" else None)
         # Unsupervised: the head reads the positive rows of this very pass; unlabelled
         # examples (label UNLABELLED, e.g. at a federation client) train no head.
         head_labels = None if self.supervised or bool((labels == UNLABELLED).any()) else labels
         packet = Packet(x=rows, n_pos=x.shape[0], labels=head_labels)
         out, layer_metrics = self.ff_step(packet)
         metrics.update(layer_metrics)
-        metrics.update(self.block.train_head(out))
+        metrics.update(self.block.train_head(out)[1])
         return metrics
 
     @property
@@ -234,7 +273,8 @@ class FFNetwork:
                 "layers": [layer.state_dict() for layer in self.layers],
                 "head": None if self.head is None else self.head.state_dict(),
                 "epoch": self.epoch,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(),
+                **memory_state(self.memory)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["layers"]) != len(self.layers):
@@ -243,4 +283,5 @@ class FFNetwork:
         self.block.load_state_dict({"first": 0, "last": len(self.layers),
                                     "layers": state["layers"], "head": state["head"]})
         self.generator.set_state(state["generator"])
+        load_memory(self.memory, state)
         self.set_epoch(int(state["epoch"]))

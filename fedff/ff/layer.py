@@ -44,16 +44,18 @@ class FFLayer(SGDLayer):
         self.objective = GoodnessObjective(
             theta=config.threshold_scale * config.out_features,
             temperature=config.temperature,
-            positive_high=config.objective == "hinton",
+            positive_high=config.objective != "low",
+            pairwise=config.objective == "symba",
         )
         self.peer_mean = torch.zeros(config.out_features, device=self.device)
         self.optimizer = self.optimizers["main"]
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        if cfg.model.objective not in ("hinton", "low"):
+        if cfg.model.objective not in ("hinton", "low", "symba"):
             raise ConfigError(f"model.objective = {cfg.model.objective!r} is a one-class "
-                              f"loss; FF layers take 'hinton' or 'low' (or set model.cell = "
+                              f"loss; FF layers take 'hinton', 'low' or 'symba' (or set "
+                              f"model.cell = "
                               f"'oneclass' with train.algorithm = 'oneclass')")
 
     def build_module(self) -> nn.Module:

@@ -3,9 +3,10 @@
 Supervised FF writes the label one-hot into the first `num_classes` pixels: the true
 label makes a positive, a wrong one a negative. Wrong labels are drawn uniformly, or
 ("hard") in proportion to the model's own predicted probabilities, which spends the
-negatives on the confusions the model actually makes. Unsupervised FF mixes two real
-images with a large-blob mask, so negatives share short-range statistics with real data
-and differ only in long-range shape.
+negatives on the confusions the model actually makes; "hard-memory" uses the prediction
+from the example's previous visit, which a worker chain can have in time. Unsupervised
+FF mixes two real images with a large-blob mask, so negatives share short-range
+statistics with real data and differ only in long-range shape.
 """
 
 from __future__ import annotations
@@ -62,6 +63,48 @@ def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
     p = probs.detach().float().cpu() + 1e-12
     p.scatter_(1, labels.cpu().view(-1, 1), 0.0)
     return torch.multinomial(p, 1, generator=generator).view(-1).to(labels.device)
+
+
+class PredictionMemory:
+    """Each training example's predicted probabilities from its previous visit, for the
+    `hard-memory` negatives: hard negatives where the prediction for a batch is not known
+    before the batch trains (a worker chain has it a round trip later). An example not
+    yet seen gets a uniformly drawn wrong label. Sized by the largest index it is given."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.probs = torch.zeros(0, num_classes)
+        self.seen = torch.zeros(0, dtype=torch.bool)
+
+    def wrong_labels(self, labels: torch.Tensor, index: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        self._grow(int(index.max()) + 1)
+        wrong = random_wrong_labels(labels, self.num_classes, generator)
+        seen = self.seen[index]
+        if bool(seen.any()):
+            wrong[seen.to(wrong.device)] = hard_wrong_labels(
+                labels[seen.to(labels.device)], self.probs[index[seen]], generator)
+        return wrong
+
+    def remember(self, index: torch.Tensor, probs: torch.Tensor) -> None:
+        if probs.shape != (index.shape[0], self.num_classes):
+            raise ValueError(f"remember needs [{index.shape[0]}, {self.num_classes}] "
+                             f"probabilities, got {list(probs.shape)}")
+        self._grow(int(index.max()) + 1)
+        self.probs[index] = probs.detach().float().cpu()
+        self.seen[index] = True
+
+    def _grow(self, n: int) -> None:
+        if n > self.seen.shape[0]:
+            extra = n - self.seen.shape[0]
+            self.probs = torch.cat([self.probs, torch.zeros(extra, self.num_classes)])
+            self.seen = torch.cat([self.seen, torch.zeros(extra, dtype=torch.bool)])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"probs": self.probs.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.probs, self.seen = state["probs"].clone(), state["seen"].clone()
 
 
 def binomial_kernel(blur_steps: int) -> torch.Tensor:

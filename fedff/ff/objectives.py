@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedff.errors import ShapeError
+
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Divides each row by its root-mean-square, as the reference code does.
@@ -33,9 +35,15 @@ def rms_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GoodnessObjective:
+    """Hinton's loss, each row against the threshold; or, `pairwise`, SymBa's (Lee and
+    Song 2023): softplus(-(s_pos - s_neg)) over each positive and its own negative.
+    SymBa's gradient is the same size on both rows of a pair, where Hinton's saturates
+    separately for positives and negatives; theta cancels, 1 / T is SymBa's alpha."""
+
     theta: float
     temperature: float = 1.0
     positive_high: bool = True
+    pairwise: bool = False
 
     @property
     def scale(self) -> float:
@@ -52,6 +60,9 @@ class GoodnessObjective:
         tests/test_layer.py checks against it."""
         logits = score if gamma is None else score + gamma
         pos, neg = logits[:n_pos], logits[n_pos:]
+        if self.pairwise:
+            check_pairs(n_pos, logits.shape[0])
+            return F.softplus(neg - pos).mean()
         loss = F.softplus(-pos).mean()
         if neg.numel():
             loss = loss + F.softplus(neg).mean()
@@ -69,10 +80,32 @@ class GoodnessObjective:
         dispatch whatever its size. A row on the boundary (u = 0) counts as wrong.
         """
         logits = score if gamma is None else score + gamma
+        if self.pairwise:
+            return self._pairwise_loss_and_grad(logits, n_pos)
         rows = row_constants(n_pos, logits.shape[0], self.scale, logits.dtype, logits.device)
         u = logits * rows.neg_t
         loss = torch.dot(F.softplus(u), rows.weight)
         return loss, torch.sigmoid(u).mul_(rows.grad), (u < 0).sum()
+
+
+    def _pairwise_loss_and_grad(self, logits: torch.Tensor, n_pos: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SymBa: u = s_neg - s_pos per pair, loss mean softplus(u); d/ds_pos is
+        -sigmoid(u) / n and d/ds_neg its opposite. A pair counts as two rows, right when
+        its positive scores higher."""
+        check_pairs(n_pos, logits.shape[0])
+        u = logits[n_pos:] - logits[:n_pos]
+        loss = F.softplus(u).mean()
+        g = torch.sigmoid(u).mul_(self.scale / n_pos)
+        return loss, torch.cat([-g, g]), 2 * (u < 0).sum()
+
+
+def check_pairs(n_pos: int, n: int) -> None:
+    if n != 2 * n_pos:
+        raise ShapeError(f"model.objective = 'symba' pairs each positive with one negative: "
+                         f"the batch must hold n_pos positives then n_pos negatives, got "
+                         f"{n_pos} positives and {n - n_pos} negatives (use train.negatives "
+                         f"= 'hard' or 'random')")
 
 
 @dataclass(frozen=True)

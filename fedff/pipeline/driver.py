@@ -24,7 +24,8 @@ import torch
 
 from fedff.config import Config, ConfigError
 from fedff.engine.network import (FFNetwork, InputSpec, check_batch, goodness_layers,
-                                  label_overlays, training_rows, wrong_labels)
+                                  label_overlays, load_memory, memory_state,
+                                  prediction_memory, training_rows, visit_index, wrong_labels)
 from fedff.errors import ShapeError
 from fedff.ff import negatives as neg
 from fedff.v1 import worker_pb2 as pb
@@ -62,8 +63,9 @@ def check_pipeline_config(cfg: Config) -> None:
     if cfg.train.algorithm == "supervised" and cfg.train.negatives == "hard":
         raise ConfigError("train.negatives = 'hard' needs the head's prediction for a batch "
                           "before that batch enters the chain, which a pipeline only has a "
-                          "round trip later; use --set train.negatives=random for a worker "
-                          "chain, or train in-process with `fedff train`")
+                          "round trip later; use --set train.negatives=hard-memory (each "
+                          "example's prediction from its previous visit) for a worker chain, "
+                          "or train in-process with `fedff train`")
 
 
 class Pipeline:
@@ -88,8 +90,10 @@ class Pipeline:
         self.blocks = split_layers(len(cfg.model.hidden), len(addresses))
         self.window, self.give_up_after = window, give_up_after
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.memory = prediction_memory(cfg, spec)
         self.epoch = 0
         self.batch_id = 0  # the last id handed to the link
+        self._visits: dict[int, torch.Tensor | None] = {}  # training batches in flight
         self._metrics: deque[dict[str, float]] = deque()
         self._results: dict[int, dict[str, torch.Tensor]] = {}
         self._channels = [security.channel(a) for a in addresses]
@@ -170,14 +174,25 @@ class Pipeline:
 
     # -- training ----------------------------------------------------------------------
     def _on_ack(self, ack: pb.Ack) -> None:
+        """A training batch's metrics, and the head's prediction for its examples where
+        the memory keeps them; an inference's results, for `_infer`."""
         if ack.metrics:
             self._metrics.append(dict(ack.metrics))
-        if ack.feedback.tensors:
-            self._results[ack.batch_id] = decode_feedback(ack.feedback, ack.feedback_data)
+        training = ack.batch_id in self._visits
+        index = self._visits.pop(ack.batch_id, None)
+        if not ack.feedback.tensors:
+            return
+        feedback = decode_feedback(ack.feedback, ack.feedback_data)
+        if not training:
+            self._results[ack.batch_id] = feedback
+        elif self.memory is not None and index is not None and "probs" in feedback:
+            self.memory.remember(index, feedback["probs"])
 
     def _send(self, kind: int, tensors: dict[str, torch.Tensor] | None = None, n_pos: int = 0,
-              head: bool = False) -> int:
+              head: bool = False, index: torch.Tensor | None = None) -> int:
         self.batch_id += 1
+        if kind == pb.TRAIN:  # before the send: the ack may come back at once
+            self._visits[self.batch_id] = index
         self.link.send(Batch(batch_id=self.batch_id, kind=kind, epoch=self.epoch, n_pos=n_pos,
                              head=head, tensors=tensors or {}))
         return self.batch_id
@@ -185,16 +200,23 @@ class Pipeline:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Sends one batch on its way; returns the metrics of an earlier one, if any."""
+    def train_batch(self, x: torch.Tensor, labels: torch.Tensor,
+                    index: torch.Tensor | None = None) -> dict[str, float]:
+        """Sends one batch on its way; returns the metrics of an earlier one, if any.
+        `hard-memory` negatives come from the examples' previous visit: every earlier
+        epoch's acks are in (end_epoch waited for them), as in one process."""
         check_batch(self.spec, x, labels)
-        if self.supervised:  # the first worker builds the overlays and the neutral rows
+        if self.memory is not None:
+            index = visit_index(index, x)
+            wrong = self.memory.wrong_labels(labels, index, self.generator)
+            tensors = {"examples": x, "labels": labels, "wrong": wrong}
+        elif self.supervised:  # the first worker builds the overlays and the neutral rows
             wrong = wrong_labels(self.cfg, self.spec, labels, self.generator)
             tensors = {"examples": x, "labels": labels, "wrong": wrong}
         else:
             rows = training_rows(self.cfg, self.spec, x, labels, self.generator)
             tensors = {"x": rows, "labels": labels}
-        self._send(pb.TRAIN, tensors, n_pos=x.shape[0])
+        self._send(pb.TRAIN, tensors, n_pos=x.shape[0], index=index)
         return self._metrics.popleft() if self._metrics else {}
 
     def end_epoch(self) -> list[dict[str, float]]:
@@ -247,7 +269,7 @@ class Pipeline:
         return {"config": self.cfg.to_dict(), "spec": self.spec.__dict__,
                 "layers": [ls for b in blocks for ls in b["layers"]],
                 "head": blocks[-1]["head"], "epoch": self.epoch,
-                "generator": self.generator.get_state(),
+                "generator": self.generator.get_state(), **memory_state(self.memory),
                 "pipeline": {"batch_id": self.batch_id, "run": self.run_id}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,6 +292,7 @@ class Pipeline:
                 raise PeerError(f"worker {self.addresses[i]}: {e.code().name}: "
                                 f"{e.details()}") from e
         self.generator.set_state(state["generator"])
+        load_memory(self.memory, state)
         self.epoch = int(state["epoch"])
         self.link = self._new_link()
 

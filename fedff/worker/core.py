@@ -293,7 +293,10 @@ class WorkerCore:
                 feedback["scores"], finish_metrics = self.block.finish(pending, None)
                 metrics.update(finish_metrics)
                 pending = None
-            metrics.update(self.block.train_head(nxt))
+            probs, head_metrics = self.block.train_head(nxt)
+            metrics.update(head_metrics)
+            if probs is not None and self.block.cfg.train.negatives == "hard-memory":
+                feedback["probs"] = probs  # the driver remembers them for the next visit
         if pending is None:  # the update is in the weights
             self._applied(bid, job)
         if last:
@@ -338,6 +341,8 @@ class WorkerCore:
                                                                        later.get("scores"))
                 metrics.update(finish_metrics)
                 self._applied(ack.batch_id)
+            if flight.kind == pb.TRAIN and "probs" in later:  # the head's, on to the driver
+                feedback["probs"] = later["probs"]
             elif flight.kind == pb.EVAL:
                 assert flight.scores is not None
                 parts = [flight.scores] + ([later["scores"]] if "scores" in later else [])
