@@ -6,7 +6,8 @@ every config and seed; the model never trains on them); the test set is only sco
 the moment the target is reached and at the end of the schedule. Training time excludes
 evaluation. Each config runs its own schedule (train.epochs) unless --max-epochs cuts it;
 `--stop-at-target` ends a run as soon as the target is reached. Medians over --seeds;
-prints a table, writes JSON, and plots validation error against wall time.
+prints a table, writes JSON, and plots validation error against wall time. `--merge`
+makes one table and plot of runs made as separate processes (a search on several cores).
 
     python scripts/bench_time_to_accuracy.py --data-dir ../shared/data \
         --configs mnist-ff-3x1000 mnist-ff-3x1000-short@optim.lr=0.02 --seeds 0,1,2
@@ -128,6 +129,20 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
     plt.close(fig)
 
 
+def merged(paths: list[Path]) -> list[dict]:
+    """Every finished run in the files, labelled as they were."""
+    runs = []
+    for path in paths:
+        for run in json.loads(path.read_text())["runs"]:
+            if not run.get("unfinished"):
+                run.setdefault("label", "@".join([run["config"], *run["overrides"]]))
+                run.setdefault("first_seed", run["seed"])
+                runs.append(run)
+    if not runs:
+        raise SystemExit(f"no finished run in {', '.join(map(str, paths))}")
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None)
@@ -140,9 +155,12 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=0, help="cut every schedule here")
     ap.add_argument("--stop-at-target", action="store_true")
     ap.add_argument("--out", default="bench_time_to_accuracy.json")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[],
+                    help="train nothing: one table and plot of the runs in these JSON files "
+                         "(a search run as separate processes)")
     args = ap.parse_args()
-    runs = []
-    for spec in args.configs:
+    runs = merged(args.merge) if args.merge else []
+    for spec in [] if args.merge else args.configs:
         name, *overrides = spec.split("@")
         for seed in (int(s) for s in args.seeds.split(",")):
             def keep(partial: dict) -> None:

@@ -77,6 +77,20 @@ def test_bench_time_to_accuracy_reports_when_the_validation_target_is_first_met(
     assert row["epoch_to_target"] == statistics.median(r["reached"]["epoch"]
                                                        for r in result["runs"])
     assert out.with_suffix(".png").stat().st_size > 5_000 and "target" in run.stdout
+    # a search run as separate processes: one table of both files' runs, nothing trained
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"runs": [
+        {**result["runs"][0], "label": "digits-ff@optim.lr=0.01", "seed": 5},
+        {**result["runs"][0], "unfinished": True}]}))
+    merged = tmp_path / "merged.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_time_to_accuracy.py"),
+         "--merge", str(out), str(other), "--target", "0.7", "--out", str(merged)],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(merged.read_text())["rows"]
+    assert [(r["label"], r["seeds"]) for r in rows] == [
+        ("digits-ff", [0, 1]), ("digits-ff@optim.lr=0.01", [5])]  # the unfinished run left out
 
 
 def test_the_validation_split_is_held_out_of_training():
