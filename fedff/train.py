@@ -91,6 +91,14 @@ class Progress:
         return {k: v / max(1, self.count) for k, v in self.sums.items()}
 
 
+def apply_threads(cfg: Config) -> None:
+    """torch's intra-op threads from `train.threads` (0 keeps torch's default, one per
+    core). Every process that trains sets it: two runs side by side with the default
+    each run a thread per core and, on this 2-core machine, ran 3-4x slower."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
 def train_epoch(net: Network, ds: Dataset, epoch: int, show: bool) -> dict[str, float]:
     t = net.cfg.train
     net.set_epoch(epoch)
@@ -119,8 +127,7 @@ def run(cfg: Config, out_dir: Path, show_progress: bool = True, resume: bool = F
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg)
     saved = None
     if resume and (out_dir / CHECKPOINT).exists():
         saved = files.load(out_dir / CHECKPOINT, keys=("network", "history"))

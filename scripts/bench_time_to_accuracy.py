@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from fedff import config
 from fedff.engine.evaluate import evaluate
-from fedff.train import build_network, load_data, train_epoch
+from fedff.train import apply_threads, build_network, load_data, train_epoch
 
 ERROR_KEY = {"goodness": "error_goodness", "head": "error_head"}
 
@@ -46,6 +46,7 @@ def one_run(name: str, overrides: list[str], seed: int, args, keep=lambda run: N
     search keeps the curve of the run it was in."""
     cfg = config.load(name, [*overrides, f"train.seed={seed}", f"train.threads={args.threads}",
                              *([f"data.data_dir={args.data_dir}"] if args.data_dir else [])])
+    apply_threads(cfg)
     ds = load_data(cfg)
     train, val_x, val_y = split(ds, args.validation)
     net = build_network(cfg, train, torch.device("cpu"))
@@ -57,8 +58,10 @@ def one_run(name: str, overrides: list[str], seed: int, args, keep=lambda run: N
         train_epoch(net, train, epoch, show=False)
         seconds += time.perf_counter() - started
         net.epoch = epoch + 1
-        val = float(evaluate(net, val_x, val_y)[key])
-        curve.append({"epoch": epoch + 1, "seconds": seconds, "val_error": val})
+        errors = evaluate(net, val_x, val_y)
+        val = float(errors[key])
+        curve.append({"epoch": epoch + 1, "seconds": seconds, "val_error": val,
+                      **{k: float(errors[k]) for k in ERROR_KEY.values() if k in errors}})
         keep({"config": name, "overrides": overrides, "seed": seed, "curve": curve,
               "unfinished": True})
         if reached is None and val <= args.target:
@@ -72,7 +75,7 @@ def one_run(name: str, overrides: list[str], seed: int, args, keep=lambda run: N
         final = {"epochs": len(curve), "seconds": seconds,
                  "test_error": float(evaluate(net, ds.test_x, ds.test_y)[key])}
     return {"config": name, "overrides": overrides, "seed": seed, "reached": reached,
-            "final": final, "curve": curve}
+            "final": final, "curve": curve, "torch_threads": torch.get_num_threads()}
 
 
 def median_of(runs: list[dict], part: str, key: str) -> float | None:

@@ -4,6 +4,7 @@ each block's MFU taken against the roof samples on either side of that block."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def test_bench_time_to_accuracy_reports_when_the_validation_target_is_first_met(
         [sys.executable, str(ROOT / "scripts" / "bench_time_to_accuracy.py"),
          "--configs", "digits-ff", "--seeds", "0,1",
          "--validation", "300", "--target", "0.7", "--max-epochs", "3", "--threads", "1",
-         "--out", str(out)], capture_output=True, text=True, timeout=300)
+         "--out", str(out)], capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     for r in result["runs"]:
@@ -73,6 +75,8 @@ def test_bench_time_to_accuracy_reports_when_the_validation_target_is_first_met(
         assert r["reached"]["epoch"] == first["epoch"]
         assert r["reached"]["seconds"] == first["seconds"] > 0
         assert 0 <= r["reached"]["test_error"] <= 1 and len(r["curve"]) == 3
+        assert r["torch_threads"] == 1  # --threads reached torch (not OMP_NUM_THREADS)
+        assert {"error_goodness", "error_head"} <= r["curve"][0].keys()
     row = result["rows"][0]
     assert row["epoch_to_target"] == statistics.median(r["reached"]["epoch"]
                                                        for r in result["runs"])
