@@ -159,3 +159,28 @@ def test_frozen_layers_do_not_learn_and_the_others_do(collaboration):
     other = FFNetwork(config.load("digits-ff", ["model.hidden=[30, 30, 30]"]), SPEC)
     other.load_state_dict(net.state_dict())
     assert not any(layer.config.frozen for layer in other.layers)
+
+
+def test_the_prediction_memory_loses_no_write_while_it_grows():
+    """A chain's driver draws (and grows the table) on its main thread while the link's
+    thread remembers the head's predictions; every remembered row must stay seen."""
+    import threading
+
+    from fedff.ff.negatives import PredictionMemory
+
+    memory, done = PredictionMemory(10), threading.Event()
+    probs = torch.full((50, 10), 0.1)
+
+    def remember() -> None:
+        for start in range(0, 20_000, 50):
+            memory.remember(torch.arange(start, start + 50), probs)
+        done.set()
+
+    writer = threading.Thread(target=remember)
+    writer.start()
+    labels, size = torch.zeros(1, dtype=torch.long), 20_000
+    while not done.is_set():  # every draw grows the table by one row
+        size += 1
+        memory.wrong_labels(labels, torch.tensor([size]))
+    writer.join()
+    assert bool(memory.seen[:20_000].all()), int((~memory.seen[:20_000]).sum())

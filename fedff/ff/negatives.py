@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -69,30 +70,37 @@ class PredictionMemory:
     """Each training example's predicted probabilities from its previous visit, for the
     `hard-memory` negatives: hard negatives where the prediction for a batch is not known
     before the batch trains (a worker chain has it a round trip later). An example not
-    yet seen gets a uniformly drawn wrong label. Sized by the largest index it is given."""
+    yet seen gets a uniformly drawn wrong label. Sized by the largest index it is given.
+
+    A chain's driver draws on its main thread while the acks remember on the link's
+    thread; the lock keeps a resize from dropping a write made to the old table."""
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
         self.probs = torch.zeros(0, num_classes)
         self.seen = torch.zeros(0, dtype=torch.bool)
+        self.lock = threading.Lock()
 
     def wrong_labels(self, labels: torch.Tensor, index: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        self._grow(int(index.max()) + 1)
         wrong = random_wrong_labels(labels, self.num_classes, generator)
-        seen = self.seen[index]
+        with self.lock:
+            self._grow(int(index.max()) + 1)
+            seen = self.seen[index]
+            probs = self.probs[index[seen]]
         if bool(seen.any()):
             wrong[seen.to(wrong.device)] = hard_wrong_labels(
-                labels[seen.to(labels.device)], self.probs[index[seen]], generator)
+                labels[seen.to(labels.device)], probs, generator)
         return wrong
 
     def remember(self, index: torch.Tensor, probs: torch.Tensor) -> None:
         if probs.shape != (index.shape[0], self.num_classes):
             raise ValueError(f"remember needs [{index.shape[0]}, {self.num_classes}] "
                              f"probabilities, got {list(probs.shape)}")
-        self._grow(int(index.max()) + 1)
-        self.probs[index] = probs.detach().float().cpu()
-        self.seen[index] = True
+        with self.lock:
+            self._grow(int(index.max()) + 1)
+            self.probs[index] = probs.detach().float().cpu()
+            self.seen[index] = True
 
     def _grow(self, n: int) -> None:
         if n > self.seen.shape[0]:
@@ -101,10 +109,12 @@ class PredictionMemory:
             self.seen = torch.cat([self.seen, torch.zeros(extra, dtype=torch.bool)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"probs": self.probs.clone(), "seen": self.seen.clone()}
+        with self.lock:
+            return {"probs": self.probs.clone(), "seen": self.seen.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.probs, self.seen = state["probs"].clone(), state["seen"].clone()
+        with self.lock:
+            self.probs, self.seen = state["probs"].clone(), state["seen"].clone()
 
 
 def binomial_kernel(blur_steps: int) -> torch.Tensor:
