@@ -178,8 +178,7 @@ class Pipeline:
         the memory keeps them; an inference's results, for `_infer`."""
         if ack.metrics:
             self._metrics.append(dict(ack.metrics))
-        training = ack.batch_id in self._visits
-        index = self._visits.pop(ack.batch_id, None)
+        training, index = ack.batch_id in self._visits, self._visits.pop(ack.batch_id, None)
         if not ack.feedback.tensors:
             return
         feedback = decode_feedback(ack.feedback, ack.feedback_data)
@@ -206,12 +205,12 @@ class Pipeline:
         `hard-memory` negatives come from the examples' previous visit: every earlier
         epoch's acks are in (end_epoch waited for them), as in one process."""
         check_batch(self.spec, x, labels)
-        if self.memory is not None:
-            index = visit_index(index, x)
-            wrong = self.memory.wrong_labels(labels, index, self.generator)
-            tensors = {"examples": x, "labels": labels, "wrong": wrong}
-        elif self.supervised:  # the first worker builds the overlays and the neutral rows
-            wrong = wrong_labels(self.cfg, self.spec, labels, self.generator)
+        if self.supervised:  # the first worker builds the overlays and the neutral rows
+            if self.memory is not None:
+                index = visit_index(index, x)
+                wrong = self.memory.wrong_labels(labels, index, self.generator)
+            else:
+                wrong = wrong_labels(self.cfg, self.spec, labels, self.generator)
             tensors = {"examples": x, "labels": labels, "wrong": wrong}
         else:
             rows = training_rows(self.cfg, self.spec, x, labels, self.generator)

@@ -341,14 +341,14 @@ class WorkerCore:
                                                                        later.get("scores"))
                 metrics.update(finish_metrics)
                 self._applied(ack.batch_id)
-            if flight.kind == pb.TRAIN and "probs" in later:  # the head's, on to the driver
-                feedback["probs"] = later["probs"]
             elif flight.kind == pb.EVAL:
                 assert flight.scores is not None
                 parts = [flight.scores] + ([later["scores"]] if "scores" in later else [])
                 feedback["scores"] = torch.cat(parts)
                 if "logits" in later:
                     feedback["logits"] = later["logits"]
+            if flight.kind == pb.TRAIN and "probs" in later:  # the head's, on to the driver
+                feedback["probs"] = later["probs"]
             metrics.update(ack.metrics)
             self.answer(ack.batch_id, flight.kind, metrics, feedback, flight.snapshot)
 
