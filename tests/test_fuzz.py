@@ -300,7 +300,8 @@ def test_ten_thousand_hostile_messages_change_nothing_and_sigterm_still_stops(tm
         stopped = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        assert time.monotonic() - stopped < 5 and proc.returncode == 0
+        # seconds, not the 30 s wait: the bound leaves room for a loaded machine
+        assert time.monotonic() - stopped < 15 and proc.returncode == 0
         saved = torch.load(checkpoint, weights_only=True)
         assert saved["trained_through"] == 3  # the checkpoint written on the way out
     finally:

@@ -91,8 +91,12 @@ def test_the_ICML_variant_modulates_with_plus_and_steps_on_the_pass2_error():
 
 
 def test_weight_mirroring_moves_each_factor_towards_its_layer_and_rescales_F():
+    """Step 1 mirrors each factor; the joint rescale is agreed with the next error (so a
+    chain can agree it) and applied before that step's update: step 2 learns through the
+    rescaled F, and the factors end rescaled so that std(F) = sd."""
     cfg = pepita("model.hidden=[12, 8, 10]", "pepita.dropout=0", "pepita.feedback=mirror",
-                 "pepita.wm_lr=0.5", "pepita.wm_wd=0.01")
+                 "pepita.wm_lr=0.5", "pepita.wm_wd=0.01", "pepita.wm_epochs=1",
+                 "pepita.wm_every=0")
     net = FFNetwork(cfg, SPEC)
     before = [layer.feedback.clone() for layer in net.layers]
     noise = [torch.Generator().set_state(layer.generator.get_state()) for layer in net.layers]
@@ -103,13 +107,24 @@ def test_weight_mirroring_moves_each_factor_towards_its_layer_and_rescales_F():
         xi = xi - xi.mean()
         y = xi @ layer.module.weight.t()  # the layer's weights after this step's update
         want.append((b + 0.5 * xi.t() @ y / 16) * (1 - 0.5 * 0.01))
-    product = want[0] @ want[1] @ want[2]
+    for layer, w in zip(net.layers, want):  # mirrored, the rescale still to agree
+        torch.testing.assert_close(layer.feedback, w, rtol=1e-4, atol=1e-7)
     sd = 0.05 * math.sqrt(2 / 64)
-    scale = (sd / float(product.std())) ** (1 / 3)
-    for layer, w in zip(net.layers, want):
-        torch.testing.assert_close(layer.feedback, w * scale, rtol=1e-4, atol=1e-7)
+    scale = (sd / float((want[0] @ want[1] @ want[2]).std())) ** (1 / 3)
+    rescaled = [w * scale for w in want]
+    weights = [layer.module.weight.detach().clone() for layer in net.layers]
+    net.set_epoch(1)  # no mirroring in epoch 1: step 2 only applies step 1's rescale
+    for layer in net.layers:  # so step 2 is a plain SGD step, as reference_step's
+        layer.optimizers["main"].state.clear()
+    x, y = DIGITS.train_x[16:32], DIGITS.train_y[16:32]
+    net.train_batch(x, y)
+    for layer, w in zip(net.layers, rescaled):
+        torch.testing.assert_close(layer.feedback, w, rtol=1e-4, atol=1e-7)
     got = net.layers[0].feedback @ net.layers[1].feedback @ net.layers[2].feedback
     assert float(got.std()) == pytest.approx(sd, rel=1e-4)
+    # step 2's update came through the rescaled F
+    for layer, w in zip(net.layers, reference_step(weights, rescaled, x, y, lr=0.1)):
+        torch.testing.assert_close(layer.module.weight, w, rtol=1e-4, atol=1e-6)
     # the initial factors already give std(F) = sd, as the paper sets them
     assert factor_std([64, 12, 8, 10], 0.05) ** 3 * math.sqrt(12 * 8) == pytest.approx(sd)
 
@@ -176,11 +191,10 @@ def test_configs_that_do_not_apply_are_refused(overrides, message):
         config.load("digits-ff", [*PEPITA, *overrides])
 
 
-def test_an_output_layer_of_the_wrong_width_mirroring_in_a_chain_and_a_wrong_F_are_refused():
+def test_an_output_layer_of_the_wrong_width_and_a_wrong_F_are_refused():
     with pytest.raises(ConfigError, match="must be 10 wide .* model.hidden=\\[64, 10\\]"):
         FFNetwork(pepita("model.hidden=[64, 7]"), SPEC)
-    with pytest.raises(ConfigError, match="a chain of workers does not exchange"):
-        check_pipeline_config(pepita("model.hidden=[64, 10]", "pepita.feedback=mirror"))
+    check_pipeline_config(pepita("model.hidden=[64, 10]", "pepita.feedback=mirror"))
     net = FFNetwork(pepita("model.hidden=[64, 10]"), SPEC)
     state = net.layers[0].state_dict()
     state["buffers"]["feedback"] = torch.zeros(64, 7)
@@ -209,12 +223,16 @@ def test_a_simulated_federation_trains_pepita_clients(tmp_path):
                        torch.from_numpy(start["layer0.feedback"].numpy()))
 
 
-@pytest.mark.parametrize("workers", [3, 1])
-def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, workers):
+@pytest.mark.parametrize("workers, feedback", [(3, "fixed"), (1, "fixed"), (3, "mirror")])
+def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, workers,
+                                                                 feedback):
+    """Bit for bit, weight mirroring included: its rescale is agreed along the chain
+    (the product of the factors up with the error, the scale down with the frames)."""
     from fedff.pipeline.driver import Pipeline
     from fedff.pipeline.launcher import LocalChain
 
-    cfg = pepita("model.hidden=[24, 16, 12, 10]", "train.epochs=2", "optim.lr=0.05")
+    cfg = pepita("model.hidden=[24, 16, 12, 10]", "train.epochs=2", "optim.lr=0.05",
+                 f"pepita.feedback={feedback}")
     local = FFNetwork(cfg, SPEC)
     for epoch in range(2):
         local_metrics = train_epoch(local, DIGITS, epoch, show=False)
@@ -233,6 +251,11 @@ def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, worke
     for a, b in zip(piped["layers"], local.state_dict()["layers"]):
         assert a["steps"] == b["steps"] > 0
         assert torch.equal(a["module"]["weight"], b["module"]["weight"])
+        assert a["buffers"].keys() == b["buffers"].keys()
+        for name in a["buffers"]:
+            assert torch.equal(a["buffers"][name], b["buffers"][name])
+        if feedback == "mirror":  # every step but the last agreed, and applied, a scale
+            assert a["extra"]["scale_tag"] == b["extra"]["scale_tag"] == a["steps"] - 1
     assert chain_eval == evaluate(local, DIGITS.test_x, DIGITS.test_y)
 
 
@@ -244,13 +267,16 @@ def test_a_diverging_run_stops_with_the_fix_named(tmp_path):
         run(cfg, tmp_path, show_progress=False)
 
 
-def test_a_chain_with_a_wide_window_applies_late_errors_and_still_learns(tmp_path):
+@pytest.mark.parametrize("feedback", ["fixed", "mirror"])
+def test_a_chain_with_a_wide_window_applies_late_errors_and_still_learns(tmp_path, feedback):
     """Window 4: pass 2 of batch b runs up to 4 batches late, with pass 1 redone on the
-    weights of that moment (else h - h_err measures the weights' change and diverges)."""
+    weights of that moment (else h - h_err measures the weights' change and diverges).
+    Mirroring's scale arrives late too: a layer is never scaled twice, F keeps its std."""
     from fedff.pipeline.driver import Pipeline
     from fedff.pipeline.launcher import LocalChain
 
-    cfg = pepita("model.hidden=[24, 16, 10]", "train.epochs=3", "optim.lr=0.05")
+    cfg = pepita("model.hidden=[24, 16, 10]", "train.epochs=3", "optim.lr=0.05",
+                 f"pepita.feedback={feedback}", "pepita.wm_epochs=3")
     local = FFNetwork(cfg, SPEC)
     for epoch in range(3):
         train_epoch(local, DIGITS, epoch, show=False)
@@ -260,8 +286,12 @@ def test_a_chain_with_a_wide_window_applies_late_errors_and_still_learns(tmp_pat
             for epoch in range(3):
                 metrics = train_epoch(pipe, DIGITS, epoch, show=False)
             chain_error = evaluate(pipe, DIGITS.test_x, DIGITS.test_y)["error_head"]
+            factors = [layer["buffers"].get("feedback") for layer in pipe.state_dict()["layers"]]
         finally:
             pipe.close()
+    if feedback == "mirror":  # the last step's scale is still to agree: within a step's drift
+        f = factors[0] @ factors[1] @ factors[2]
+        assert 0.8 < float(f.std()) / (0.05 * math.sqrt(2 / 64)) < 1.25
     local_error = evaluate(local, DIGITS.test_x, DIGITS.test_y)["error_head"]
     # how late each error lands depends on the threads' timing: the chain learns, more
     # slowly than one process here (its MNIST figure is in the README), and never diverges
@@ -286,3 +316,32 @@ def test_a_long_chain_run_frees_what_is_durable(tmp_path):
         finally:
             pipe.close()
     assert all(s.durable_through >= 280 for s in statuses), statuses
+
+
+def test_mirroring_messages_from_a_peer_are_checked():
+    """The scale and the product travel between workers: a wrong one is refused whole,
+    naming what was expected, and changes no factor."""
+    from fedff.pepita import mirror
+    from fedff.wire.frames import WireError
+
+    net = FFNetwork(pepita("model.hidden=[24, 16, 10]", "pepita.feedback=mirror"), SPEC)
+    first, lower = net.layers[:1], net.layers[1:]
+    good = mirror.Scale(3, 0.75)
+    assert mirror.Scale.from_tensor(good.tensor()) == good  # the value's bits, exactly
+    for bad, message in [(torch.tensor([1.0, 0.5]), "int64"),
+                         (torch.tensor([0, 4607182418800017408]), "tag > 0"),
+                         (mirror.Scale(2, -1.0).tensor(), "positive finite")]:
+        with pytest.raises(WireError, match=message):
+            type(lower[0]).receive_frame(lower, {mirror.SCALE: bad})
+    with pytest.raises(WireError, match="the first worker agrees the scale"):
+        type(first[0]).receive_frame(first, {mirror.SCALE: good.tensor()})
+    type(lower[0]).receive_frame(lower, {mirror.SCALE: good.tensor()})
+    assert all(layer.incoming == good for layer in lower)
+    before = [layer.feedback.clone() for layer in net.layers]
+    for below, message in [({}, "mirror.tags"),
+                           ({mirror.TAGS: torch.zeros(1, dtype=torch.int64)}, "int64 \\[2\\]"),
+                           ({mirror.TAGS: torch.zeros(2, dtype=torch.int64),
+                             mirror.PRODUCT: torch.zeros(16, 10)}, "float32 \\[24, 10\\]")]:
+        with pytest.raises(WireError, match=message):
+            type(first[0]).signal_up(first, below)
+    assert all(torch.equal(a.feedback, b) for a, b in zip(net.layers, before))

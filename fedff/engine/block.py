@@ -147,7 +147,7 @@ class LayerBlock:
         nxt, pending = self.begin_top_down(p)
         signal = pending[-1].error
         assert signal is not None  # check_top_down: the network ends in its output layer
-        x_err = self.send_back(pending, signal)
+        x_err, _ = self.send_back(pending, signal, {})
         out, metrics = self.finish_top_down(pending, x_err)
         return Packet(x=out, n_pos=p.n_pos, labels=p.labels), metrics
 
@@ -161,12 +161,22 @@ class LayerBlock:
         return Packet(x=h, n_pos=p.n_pos, labels=p.labels), pending
 
     @torch.no_grad()
-    def send_back(self, pending: list[Pending], signal: torch.Tensor) -> torch.Tensor:
+    def send_back(self, pending: list[Pending], signal: torch.Tensor,
+                  below: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The top-down signal from the block's output to its input (at the network's
-        first layer: the modulated input of pass 2)."""
+        first layer: the modulated input of pass 2), and what goes up beside it, given
+        what came up from below (`Layer.signal_up`)."""
+        up = type(self.layers[0]).signal_up(self.layers, below)
         for layer, q in zip(reversed(self.layers), reversed(pending)):
             signal = layer.send_back(q, signal)
-        return signal
+        return signal, up
+
+    def frame_extras(self) -> dict[str, torch.Tensor]:
+        return type(self.layers[0]).frame_extras(self.layers)
+
+    def receive_frame(self, tensors: dict[str, torch.Tensor]) -> None:
+        type(self.layers[0]).receive_frame(self.layers, tensors)
 
     @torch.no_grad()
     def finish_top_down(self, pending: list[Pending], x2: torch.Tensor

@@ -206,8 +206,26 @@ class Layer(ABC):
 
     @classmethod
     def after_step(cls, layers: list["Layer"], rows: int) -> None:
-        """Runs after every layer of a block finished a step on `rows` rows (e.g. a
-        joint rescale of the layers' feedback matrices)."""
+        """Runs after every layer of a block finished a step on `rows` rows (e.g. the
+        weight mirroring of the layers' feedback matrices)."""
+
+    # Top-down kinds whose layers agree on something across workers (PEPITA's mirroring
+    # rescale): what rides up with the signal and down with the frames, per block.
+    @classmethod
+    def signal_up(cls, layers: list["Layer"], below: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+        """Before the block's send_back: what goes up beside the signal, given what came
+        from below (empty at the network's last layer)."""
+        return {}
+
+    @classmethod
+    def frame_extras(cls, layers: list["Layer"]) -> dict[str, torch.Tensor]:
+        """What goes down with every frame the block sends on."""
+        return {}
+
+    @classmethod
+    def receive_frame(cls, layers: list["Layer"], tensors: dict[str, torch.Tensor]) -> None:
+        """A frame's tensors, before the block's step on it (frame_extras from above)."""
 
     @classmethod
     def shape(cls, in_features: int, in_shape: tuple[int, ...] | None, width: int

@@ -18,9 +18,11 @@ F = B_0 B_1 ... B_{L-1} factorised over the layers (B_l is d_l x d_{l+1}, N(0, s
 s = (sd / sqrt(prod hidden))^(1/L), sd = 0.05 sqrt(2/d_in)), each B_l learning its
 layer's transpose by weight mirroring: B_l += wm_lr xi^T (W_l xi)/B - wm_lr wm_wd B_l
 for noise xi = 0.1 N(0, 1) minus its mean, then every factor rescaled by
-(sd / std(F))^(1/L). Mirroring runs on every batch of the first `wm_epochs` epochs and
-of every `wm_every`-th epoch after them. The matrices are the layer's buffers: saved,
-restored and averaged by a federation (every client starts from the coordinator's).
+(sd / std(F))^(1/L); fedff/pepita/mirror.py says how the layers agree on that scale when
+they live on different workers. Mirroring runs on every batch of the first `wm_epochs`
+epochs and of every `wm_every`-th epoch after them. The matrices are the layer's
+buffers: saved, restored and averaged by a federation (every client starts from the
+coordinator's).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from torch import nn
 from fedff.errors import ConfigError, ShapeError
 from fedff.layers.contract import (Layer, LayerBatch, LayerResult, Pending, SGDLayer,
                                    aligned)
+from fedff.pepita import mirror
+from fedff.pepita.mirror import Scale
+from fedff.wire.frames import WireError
 
 
 @dataclass
@@ -57,6 +62,12 @@ class PepitaLayer(SGDLayer):
         self.first = config.index == 0
         self.generator = torch.Generator().manual_seed(config.seed + 7919)
         self.feedback = self._initial_feedback()
+        # weight mirroring's rescale (fedff/pepita/mirror.py)
+        self.known = Scale()  # the newest scale agreed (first layer) or received
+        self.incoming: Scale | None = None  # to apply at the start of the next update
+        self.scale_tag = 0  # the last scale applied to this factor
+        self.mirrored = False  # mirrored since the product last went up / was agreed
+        self.signal_scale = 1.0  # first layer: the pending scale, on the next signal
 
     # -- what the contract asks ----------------------------------------------------------
     def build_module(self) -> nn.Module:
@@ -73,10 +84,27 @@ class PepitaLayer(SGDLayer):
         return {} if self.feedback is None else {"feedback": self.feedback}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "mirrored": self.mirrored,
+                "scale": (self.known.tag, self.known.value), "scale_tag": self.scale_tag,
+                "incoming": None if self.incoming is None else (self.incoming.tag,
+                                                                self.incoming.value)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.known = Scale(*state.get("scale", (0, 1.0)))
+        self.scale_tag = int(state.get("scale_tag", 0))
+        incoming = state.get("incoming")
+        self.incoming = None if incoming is None else Scale(*incoming)
+        self.mirrored = bool(state.get("mirrored", False))
+
+    @classmethod
+    def with_federated_arrays(cls, state: dict[str, Any], arrays: dict[str, torch.Tensor]
+                              ) -> dict[str, Any]:
+        """Averaged factors are renormalised at the next step, as after a mirroring."""
+        state = super().with_federated_arrays(state, arrays)
+        if "feedback" in arrays and "extra" in state:
+            state["extra"] = {**state["extra"], "mirrored": True}
+        return state
 
     # -- feedback matrices ---------------------------------------------------------------
     def _initial_feedback(self) -> torch.Tensor | None:
@@ -108,6 +136,16 @@ class PepitaLayer(SGDLayer):
         y = xi @ self.module.weight.t()
         self.feedback.add_(xi.t() @ y, alpha=o["wm_lr"] / rows)
         self.feedback.mul_(1.0 - o["wm_lr"] * o["wm_wd"])
+        self.mirrored = True
+
+    @torch.no_grad()
+    def _apply_incoming(self) -> None:
+        """The agreed rescale of the last mirroring step, this factor's share of it."""
+        if self.incoming is None:
+            return
+        assert self.feedback is not None
+        self.feedback.mul_(self.incoming.value ** (1.0 / (len(self.config.widths) - 1)))
+        self.scale_tag, self.incoming = self.incoming.tag, None
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -128,15 +166,72 @@ class PepitaLayer(SGDLayer):
 
     @classmethod
     def after_step(cls, layers: list[Layer], rows: int) -> None:
-        """Weight mirroring, then the joint rescale of the factors to std(F) = sd."""
+        """Weight mirroring; the joint rescale is agreed with the next error
+        (`signal_up`) and applied at the next update."""
         mirroring = [lay for lay in layers if isinstance(lay, PepitaLayer) and lay.mirrors()
                      and not lay.config.frozen]
-        if not mirroring or len(mirroring) != len(layers):
+        if mirroring and len(mirroring) == len(layers):
+            for layer in mirroring:
+                layer.mirror(rows)
+
+    # -- the rescale's agreement along a chain (fedff/pepita/mirror.py) -------------------
+    @classmethod
+    def signal_up(cls, layers: list[Layer], below: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+        """The tags and product that go up with the error; the block holding the first
+        layer agrees the scale and sets the signal's correction instead."""
+        own = [lay for lay in layers if isinstance(lay, PepitaLayer)]
+        head, tail = own[0], own[-1]
+        if head.config.options["feedback"] != "mirror":
+            return {}
+        widths = head.config.widths
+        if tail.output:
+            tags_below, prod = [], None
+        else:
+            tags_below, prod = mirror.check_upward(
+                below, len(widths) - 2 - tail.config.index, tail.config.out_features,
+                widths[-1])
+        tags = [lay.scale_tag for lay in own] + tags_below
+        if all(lay.mirrored for lay in own) and (tail.output or prod is not None):
+            prod = mirror.product([lay.feedback for lay in own], prod)  # type: ignore[misc]
+        else:
+            prod = None
+        if not head.first:
+            if prod is None:
+                return {mirror.TAGS: torch.tensor(tags, dtype=torch.int64)}
+            for lay in own:
+                lay.mirrored = False
+            return {mirror.TAGS: torch.tensor(tags, dtype=torch.int64), mirror.PRODUCT: prod}
+        if prod is not None and all(tag == head.known.tag for tag in tags):
+            head.known = mirror.agreed(head.known, prod, widths, head.config.options["f_scale"])
+            for lay in own:
+                lay.mirrored = False
+        for lay in own:  # this block takes the scale at once (e.g. a restored state's)
+            if lay.scale_tag < head.known.tag:
+                lay.known, lay.incoming = head.known, head.known
+        head.signal_scale = mirror.correction(head.known, tags, len(widths) - 1)
+        return {}
+
+    @classmethod
+    def frame_extras(cls, layers: list[Layer]) -> dict[str, torch.Tensor]:
+        """The newest agreed scale, down with every frame."""
+        head = layers[0]
+        assert isinstance(head, PepitaLayer)
+        return {mirror.SCALE: head.known.tensor()} if head.known.tag else {}
+
+    @classmethod
+    def receive_frame(cls, layers: list[Layer], tensors: dict[str, torch.Tensor]) -> None:
+        if mirror.SCALE not in tensors:
             return
-        for layer in mirroring:
-            layer.mirror(rows)
-        rescale([lay.feedback for lay in mirroring], layers[0].config.widths,
-                mirroring[0].config.options["f_scale"])
+        own = [lay for lay in layers if isinstance(lay, PepitaLayer)]
+        if own[0].first or own[0].config.options["feedback"] != "mirror":
+            raise WireError(f"'{mirror.SCALE}' arrived at a worker that does not take one "
+                            f"(the first worker agrees the scale; fixed feedback has none)")
+        scale = Scale.from_tensor(tensors[mirror.SCALE])
+        for lay in own:
+            if scale.tag > lay.known.tag:
+                lay.known = scale
+                lay.incoming = scale if scale.tag > lay.scale_tag else None
 
     # -- pass 1, the error's way up, pass 2 ----------------------------------------------
     def _linear(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -183,6 +278,8 @@ class PepitaLayer(SGDLayer):
             signal = signal @ self.feedback.t()
         if not self.first:
             return signal
+        if self.signal_scale != 1.0:  # weight mirroring's pending rescale
+            signal = signal * self.signal_scale
         assert pending.x is not None
         if signal.shape != pending.x.shape:
             raise ShapeError(f"the top-down signal reaching the first layer is "
@@ -197,6 +294,7 @@ class PepitaLayer(SGDLayer):
         if feedback is None:
             raise ShapeError("a PEPITA layer's finish needs its pass-2 input")
         x_err = aligned(feedback.to(self.device))
+        self._apply_incoming()
         if pending.steps != self.steps:  # stepped since pass 1 (a chain's late pass 2)
             self._pass1_again(pending)
         h_err = self._linear(x_err, pending.mask)
@@ -235,15 +333,3 @@ def factor_std(widths: list[int], f_scale: float) -> float:
     factors = len(widths) - 1
     sd = f_scale * math.sqrt(2.0 / widths[0])
     return (sd / math.sqrt(math.prod(widths[1:-1]))) ** (1.0 / factors)
-
-
-@torch.no_grad()
-def rescale(factors: list[torch.Tensor], widths: list[int], f_scale: float) -> None:
-    """Every factor times (sd / std(F))^(1/L), so the product F keeps std sd."""
-    product = factors[0]
-    for b in factors[1:]:
-        product = product @ b
-    sd = f_scale * math.sqrt(2.0 / widths[0])
-    scale = (sd / float(product.std())) ** (1.0 / len(factors))
-    for b in factors:
-        b.mul_(scale)

@@ -55,11 +55,6 @@ def split_layers(n_layers: int, n_workers: int) -> list[tuple[int, int]]:
 
 
 def check_pipeline_config(cfg: Config) -> None:
-    if cfg.train.algorithm == "pepita" and cfg.pepita.feedback == "mirror":
-        raise ConfigError("weight mirroring rescales every layer's feedback factor by the "
-                          "std of their product, which a chain of workers does not "
-                          "exchange yet; use pepita.feedback = 'fixed' in a chain, or train "
-                          "mirroring in one process")
     if cfg.train.algorithm == "supervised" and cfg.train.negatives == "hard":
         raise ConfigError("train.negatives = 'hard' needs the head's prediction for a batch "
                           "before that batch enters the chain, which a pipeline only has a "

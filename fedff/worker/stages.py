@@ -49,6 +49,8 @@ class Job:
 def run_stage(block: LayerBlock, layers: range, job: Job) -> None:
     """Layers `layers` of the block on one job; snapshots each layer's state when due."""
     kind = job.batch.kind
+    if block.top_down and kind != pb.EVAL:  # e.g. weight mirroring's scale, from above
+        block.receive_frame(job.batch.tensors)
     for bid, (pending, x2) in job.finishing.items():  # top-down: pass 2 of earlier ones
         job.pass2_out[bid], metrics = block.finish_top_down(pending, x2)
         job.metrics.update(metrics)

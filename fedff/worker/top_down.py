@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 
 
 def pass2_out(core: WorkerCore, job: Job) -> dict[str, torch.Tensor]:
-    """Top-down: the pass-2 outputs that go on with this frame."""
-    return codec.pass2_tensors(job.pass2_out) if core.link is not None else {}
+    """Top-down: the pass-2 outputs that go on with this frame, and what the block sends
+    down with every frame (weight mirroring's scale)."""
+    if core.link is None:
+        return {}
+    assert core.block is not None
+    return {**codec.pass2_tensors(job.pass2_out), **core.block.frame_extras()}
 
 
 def done(core: WorkerCore, job: Job) -> Batch | None:
@@ -36,8 +40,7 @@ def done(core: WorkerCore, job: Job) -> Batch | None:
     if core.link is None:
         error = pending[-1].error
         assert error is not None
-        signal = core.block.send_back(pending, error)
-        feedback: dict[str, torch.Tensor] = {}
+        signal, feedback = core.block.send_back(pending, error, {})
         if core.block.first == 0:  # a chain of one worker: pass 2 now
             job.metrics.update(core.block.finish_top_down(pending, signal)[1])
             job.finishing[bid] = (pending, signal)
@@ -72,8 +75,8 @@ def error_up(core: WorkerCore, bid: int, later: dict[str, torch.Tensor]
     assert core.block is not None
     if "signal" not in later:
         raise WireError(f"the answer to batch {bid} carries no top-down signal")
-    signal = core.block.send_back(core.waiting[bid], later["signal"])
+    signal, up = core.block.send_back(core.waiting[bid], later["signal"], later)
     if core.block.first != 0:
-        return {"signal": signal}
+        return {"signal": signal, **up}
     core.modulated[bid] = signal
     return {}
