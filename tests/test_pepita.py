@@ -18,6 +18,7 @@ from fedff.federation.task import client_data, client_train, initial_arrays, spe
 from fedff.pepita.layer import factor_std
 from fedff.pipeline.driver import check_pipeline_config
 from fedff.train import train_epoch
+from fedff.v1 import worker_pb2 as pb
 
 DIGITS = load_digits()
 SPEC = InputSpec(DIGITS.features, DIGITS.image_shape, DIGITS.num_classes)
@@ -236,7 +237,7 @@ def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, worke
     local = FFNetwork(cfg, SPEC)
     for epoch in range(2):
         local_metrics = train_epoch(local, DIGITS, epoch, show=False)
-    with LocalChain(workers, tmp_path, window=1) as chain:
+    with LocalChain(workers, tmp_path, window=1, checkpoint_every=20) as chain:
         pipe = Pipeline(cfg, SPEC, chain.addresses, window=1)
         try:
             for epoch in range(2):
@@ -257,6 +258,12 @@ def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, worke
         if feedback == "mirror":  # every step but the last agreed, and applied, a scale
             assert a["extra"]["scale_tag"] == b["extra"]["scale_tag"] == a["steps"] - 1
     assert chain_eval == evaluate(local, DIGITS.test_x, DIGITS.test_y)
+    # the errors on their way up (batch x 24 floats here, batch x 1024 on MNIST) are not
+    # checkpointed: a top-down chain resumes from an epoch's end, never from them
+    for i in range(workers):
+        saved = torch.load(tmp_path / f"worker{i}/worker.pt", weights_only=True)
+        kept = [pb.Ack.FromString(a) for a in saved["acks"].values()]
+        assert not any(t.name == "signal" for a in kept for t in a.feedback.tensors)
 
 
 def test_a_diverging_run_stops_with_the_fix_named(tmp_path):

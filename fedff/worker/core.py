@@ -150,7 +150,7 @@ class WorkerCore:
     def state(self) -> dict[str, Any]:
         assert self.block is not None
         return checkpoints.worker_state(self.setup, self.block.state_dict(), self.epoch,
-                                        self.frontier(), self.acks)
+                                        self.frontier(), self._durable_acks())
 
     def checkpoint(self, snapshot: dict[str, Any] | None = None) -> None:
         """Writes the live state, or `snapshot` (the block's state at one batch id)."""
@@ -159,9 +159,20 @@ class WorkerCore:
                 return
             state = self.state() if snapshot is None else checkpoints.worker_state(
                 self.setup, snapshot["block"], snapshot["epoch"],
-                snapshot["trained_through"], self.acks)
+                snapshot["trained_through"], self._durable_acks())
             checkpoints.save(self.opt.checkpoint_dir, state)
             self.own_durable = state["trained_through"]
+
+    def _durable_acks(self) -> OrderedDict[int, pb.Ack]:
+        """The acks a checkpoint keeps. A top-down learner's carry its error up (with
+        factorised feedback, batch x 1024 floats each: 256 MB for 1,024 acks of 64 rows,
+        written every 100 batches), and a restarted top-down worker cannot use them: its
+        pass-1 states are not saved, so its chain resumes from an epoch's end (README);
+        they stay out."""
+        if self.block is None or not self.block.top_down:
+            return self.acks
+        return OrderedDict((bid, ack) for bid, ack in self.acks.items()
+                           if not any(t.name == "signal" for t in ack.feedback.tensors))
 
     def wait_idle(self, timeout: float) -> None:
         if self.runner is not None:
