@@ -259,13 +259,13 @@ def _security_args(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from fedff.pipeline.driver import ChainOptions, run_pipeline
+    from fedff.pipeline.driver import ChainOptions, default_window, run_pipeline
 
     cfg = config_mod.load(args.config, [*args.overrides, *_common_overrides(args)])
     options = ChainOptions(
         addresses=[a.strip() for a in (args.workers or "").split(",") if a.strip()],
         local=args.local or 0, worker_threads=args.worker_threads,
-        window=args.window or (1 if cfg.train.algorithm == "pepita" else 4),
+        window=args.window or default_window(cfg),
         checkpoint_every=args.checkpoint_every, keep_workers=args.keep_workers,
         worker_args=_security_args(args), insecure=args.insecure,
         reset_workers=args.reset_workers, wire_dtype=args.wire_dtype)

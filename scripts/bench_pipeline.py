@@ -33,7 +33,7 @@ import torch
 from fedff import config
 from fedff.data.datasets import Dataset, load_dataset
 from fedff.engine.network import FFNetwork, InputSpec
-from fedff.pipeline.driver import Pipeline
+from fedff.pipeline.driver import Pipeline, default_window
 from fedff.pipeline.launcher import LocalChain
 from fedff.train import train_epoch
 from fedff.v1 import worker_pb2 as pb
@@ -157,10 +157,12 @@ def inprocess_rate(cfg, ds: Dataset, threads: int) -> float:
 
 
 def chain_rate(cfg, ds: Dataset, k: int, worker_threads: int, root: Path) -> float:
+    """A K-worker chain at `fedff pipeline`'s default window for the algorithm."""
     torch.set_num_threads(1)
-    with LocalChain(k, root / f"chain{k}", threads=worker_threads) as chain:
+    window = default_window(cfg)
+    with LocalChain(k, root / f"chain{k}", threads=worker_threads, window=window) as chain:
         pipe = Pipeline(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes),
-                        chain.addresses)
+                        chain.addresses, window=window)
         try:
             epoch_rate(pipe, ds, 0)
             return epoch_rate(pipe, ds, 1)
@@ -233,7 +235,7 @@ def main() -> None:
     result: dict = {"machine": platform.processor() or platform.machine(),
                     "cores": torch.get_num_threads(), "torch": torch.__version__,
                     "grpc": grpc.__version__, "config": args.config,
-                    "overrides": [*ff, *args.overrides]}
+                    "overrides": [*ff, *args.overrides], "window": default_window(cfg)}
     if "wire" not in skip:
         result["wire"] = w = bench_wire(args.reps, args.wire_mb)
         print(f"(a) wire: activation stream {w['activation_mb_s']:.0f} MB/s, raw gRPC bytes "

@@ -33,7 +33,16 @@ def pytest_addoption(parser):
                      help="also run tests marked slow (on by default when CI=true)")
 
 
+# Files that hold the longest tests (minutes of waiting on real deployments, timeouts and
+# training), in the order they run first: with a file per core (pytest-xdist, the README's
+# test command) a long file started last keeps one core busy alone at the end.
+FIRST = ("test_deploy.py", "test_mnist.py", "test_reproduce.py", "test_simulation.py",
+         "test_fuzz.py", "test_flower_run.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST
+               else len(FIRST))  # stable: the rest keep their order
     if config.getoption("--run-slow") or os.environ.get("CI", "").lower() in ("1", "true"):
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow (CI runs it)")

@@ -54,6 +54,12 @@ def split_layers(n_layers: int, n_workers: int) -> list[tuple[int, int]]:
     return blocks
 
 
+def default_window(cfg: Config) -> int:
+    """Batches in flight per link unless told: 4; PEPITA 1, since its error arrives
+    `window` batches late and at the reference lr a window of 4 diverged (README)."""
+    return 1 if cfg.train.algorithm == "pepita" else 4
+
+
 def check_pipeline_config(cfg: Config) -> None:
     if cfg.train.algorithm == "supervised" and cfg.train.negatives == "hard":
         raise ConfigError("train.negatives = 'hard' needs the head's prediction for a batch "
