@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from fedff import config
 from fedff.data.datasets import load_digits
 from fedff.engine.network import FFNetwork, InputSpec
+from fedff.errors import ShapeError
 from fedff.pipeline.driver import Pipeline, split_layers
 from fedff.pipeline.launcher import LocalChain
 from fedff.train import run, train_epoch
@@ -322,6 +324,49 @@ def test_missing_downstream_waits_and_reports_instead_of_crashing(caplog):
             link.wait_acked(1, timeout=30)
     finally:
         link.close()
+
+
+def test_an_answer_that_cannot_be_handled_fails_the_sender_at_once():
+    """An ack handler that raises (e.g. a malformed error from below in a PEPITA chain)
+    ends the link with that error: the sender fails in seconds, not after give_up_after."""
+    import importlib.util
+    from concurrent import futures
+
+    from fedff.wire.rpc import add_worker_to_server
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_pipeline", Path(__file__).resolve().parents[1] / "scripts/bench_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    add_worker_to_server(bench.SinkServicer(), server)  # acks every batch
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    def on_ack(ack):
+        raise ShapeError(f"the answer to batch {ack.batch_id} is malformed")
+
+    link = Link(f"127.0.0.1:{port}", on_ack=on_ack, window=1, give_up_after=600, name="up")
+    failures: list[BaseException] = []
+
+    def sender() -> None:  # a send blocks on the full window: before the fix, for ever
+        try:
+            for i in range(1, 4):
+                link.send(good_batch(i))
+            link.wait_acked(3, timeout=60)
+        except PeerError as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=sender, daemon=True)
+    try:
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the sender still waits on a link whose handler failed"
+        assert len(failures) == 1
+        assert "ShapeError: the answer to batch 1 is malformed" in str(failures[0])
+    finally:
+        link.close()
+        server.stop(0)
 
 
 def port_is_free(address: str) -> bool:

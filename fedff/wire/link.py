@@ -151,6 +151,13 @@ class Link:
                     return
                 time.sleep(backoff)
                 backoff = min(2 * backoff, 2.0)
+            except Exception as e:  # noqa: BLE001 - an answer's handler failed (on_ack)
+                # End the link with it: a sender blocked on the window, or waiting for
+                # acks, fails now, naming it, rather than after give_up_after.
+                if not self._closed:
+                    self._fail(PeerError(f"handling an answer from {self.address} failed: "
+                                         f"{type(e).__name__}: {e}"))
+                return
 
     def fail(self, reason: str) -> None:
         """Ends the link with an error (e.g. a supervisor gave up on the peer)."""
