@@ -352,3 +352,24 @@ def test_mirroring_messages_from_a_peer_are_checked():
         with pytest.raises(WireError, match=message):
             type(first[0]).signal_up(first, below)
     assert all(torch.equal(a.feedback, b) for a, b in zip(net.layers, before))
+
+
+def test_averaged_mirrored_factors_are_renormalised_at_the_next_step():
+    """A federation averages the factors, and the product of averages is not the average
+    of products: the next step agrees a scale for them, even after mirroring has ended."""
+    from flwr.app import ArrayRecord
+
+    from fedff.federation.task import load_network_arrays, network_arrays
+
+    cfg = pepita("model.hidden=[24, 16, 10]", "pepita.feedback=mirror", "pepita.wm_epochs=1",
+                 "pepita.wm_every=0")
+    net = FFNetwork(cfg, SPEC)
+    arrays = {k: v.numpy() for k, v in network_arrays(net).to_torch_state_dict().items()}
+    for key in arrays:
+        if key.endswith("feedback"):
+            arrays[key] = arrays[key] * 2.0  # as far off as an average can leave them
+    load_network_arrays(net, ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}))
+    net.set_epoch(3)  # no mirroring any more
+    net.train_batch(DIGITS.train_x[:16], DIGITS.train_y[:16])
+    f = net.layers[0].feedback @ net.layers[1].feedback @ net.layers[2].feedback
+    assert float(f.std()) == pytest.approx(0.05 * math.sqrt(2 / 64), rel=1e-4)
