@@ -331,5 +331,5 @@ class PepitaLayer(SGDLayer):
 def factor_std(widths: list[int], f_scale: float) -> float:
     """s = (sd / sqrt(prod hidden))^(1/L), sd = f_scale sqrt(2/d_in): std(F) = sd."""
     factors = len(widths) - 1
-    sd = f_scale * math.sqrt(2.0 / widths[0])
+    sd = mirror.target_std(widths, f_scale)
     return (sd / math.sqrt(math.prod(widths[1:-1]))) ** (1.0 / factors)

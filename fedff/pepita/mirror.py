@@ -9,7 +9,7 @@ agreement, the same in one process as in a chain:
   the scale still pending (`correction`);
 - F is built from the top, right to left, with the error: every block multiplies its
   factors onto the product from below (`product`, d_l x C each, about the size of the
-  error itself), and the block holding the first layer computes the scale (`agree`);
+  error itself), and the block holding the first layer computes the scale (`agreed`);
 - the scale travels down with the next frame (`mirror.scale`: tag, value), each worker
   keeps it as its layers' incoming rescale and passes it on.
 The factors follow exactly the reference's values (rescale after step t, before the
