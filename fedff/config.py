@@ -155,6 +155,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pepita.feedback": ("fixed", "mirror"),
     "pepita.modulation": ("minus", "plus"),
     "pepita.last_error": ("pass1", "pass2"),
+    "pepita.normalize": ("none", "length"),
     "oneclass.normalize": ("rms", "l2", "none"),
     "oneclass.score": ("last", "sum"),
     "train.negatives": ("random", "hard", "hard-memory", "hybrid", "none"),

@@ -15,6 +15,8 @@ class PepitaConfig:
     modulation: str = "minus"  # x_err = x - F e (ICLR; needed by mirroring) | plus (ICML)
     last_error: str = "pass1"  # the output layer steps on the pass-1 error (ICLR) | pass2
     dropout: float = 0.1  # hidden layers, the same mask in both passes
+    normalize: str = "none"  # none (the papers) | length: each hidden output rescaled per
+    # example to its input's length, in both passes (keeps deeper nets from blowing up)
     wm_lr: float = 0.01
     wm_wd: float = 0.0001
     wm_epochs: int = 2  # mirror on every batch of the first wm_epochs epochs ...
