@@ -156,10 +156,9 @@ def inprocess_rate(cfg, ds: Dataset, threads: int) -> float:
     return epoch_rate(net, ds, 1)
 
 
-def chain_rate(cfg, ds: Dataset, k: int, worker_threads: int, root: Path) -> float:
-    """A K-worker chain at `fedff pipeline`'s default window for the algorithm."""
+def chain_rate(cfg, ds: Dataset, k: int, worker_threads: int, root: Path,
+               window: int) -> float:
     torch.set_num_threads(1)
-    window = default_window(cfg)
     with LocalChain(k, root / f"chain{k}", threads=worker_threads, window=window) as chain:
         pipe = Pipeline(cfg, InputSpec(ds.features, ds.image_shape, ds.num_classes),
                         chain.addresses, window=window)
@@ -171,13 +170,13 @@ def chain_rate(cfg, ds: Dataset, k: int, worker_threads: int, root: Path) -> flo
 
 
 def bench_efficiency(cfg, ds: Dataset, chains: list[int], reps: int, threads: int,
-                     root: Path) -> dict:
+                     root: Path, window: int) -> dict:
     rows: dict[str, dict] = {}
     for k in chains:
         base, piped, ratios = [], [], []
         for _ in range(reps):
             b = inprocess_rate(cfg, ds, threads)
-            p = chain_rate(cfg, ds, k, 1, root)
+            p = chain_rate(cfg, ds, k, 1, root, window)
             base.append(b)
             piped.append(p)
             ratios.append(p / b)
@@ -226,6 +225,9 @@ def main() -> None:
                     help="the net of parts (b) and (c) (default: 3 x 1000 FF, random negatives)")
     ap.add_argument("--set", action="append", default=[], dest="overrides",
                     metavar="KEY=VALUE", help="config overrides, as for fedff train")
+    ap.add_argument("--window", type=int, default=0,
+                    help="batches in flight per link (default: fedff pipeline's for the "
+                         "algorithm)")
     ap.add_argument("--out", default="bench_pipeline.json")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -235,7 +237,8 @@ def main() -> None:
     result: dict = {"machine": platform.processor() or platform.machine(),
                     "cores": torch.get_num_threads(), "torch": torch.__version__,
                     "grpc": grpc.__version__, "config": args.config,
-                    "overrides": [*ff, *args.overrides], "window": default_window(cfg)}
+                    "overrides": [*ff, *args.overrides],
+                    "window": args.window or default_window(cfg)}
     if "wire" not in skip:
         result["wire"] = w = bench_wire(args.reps, args.wire_mb)
         print(f"(a) wire: activation stream {w['activation_mb_s']:.0f} MB/s, raw gRPC bytes "
@@ -246,7 +249,7 @@ def main() -> None:
                               test_limit=100)
             result["efficiency"] = eff = bench_efficiency(
                 cfg, ds, [int(k) for k in args.chains.split(",")], args.reps, args.threads,
-                Path(tmp))
+                Path(tmp), result["window"])
             print("(b) pipeline efficiency (chain samples/s over in-process samples/s)")
             print(f"{'workers':>8} {'in-process/s':>13} {'chain/s':>9} {'efficiency':>11}")
             for k, row in eff.items():

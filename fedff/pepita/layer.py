@@ -339,10 +339,11 @@ def length_normalized(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Each row of h rescaled to the length of the same row of x.
 
     Why: ReLU is convex, so the perturbed pass 2 is on average more active than pass 1
-    (measured: h - h_err has a negative mean in hidden layers 2 and 3). Every update then pushes the weights along the
-    all-positive input and the activity grows. In a 1-layer net this stays small, but in
-    784-1024-1024-1024-10 at lr 0.1 the last hidden layer's activity grows from 12 to 30
-    within 50 batches and the run diverges by batch 100. Rescaling removes the radial
+    (measured: h - h_err has a negative mean in hidden layers 2 and 3). Every update
+    then pushes the weights along the all-positive input and the activity grows. In a
+    1-layer net this stays small, but in 784-1024-1024-1024-10 at lr 0.1 the last hidden
+    layer's activity grows from 12 to 30 within 50 batches and the run diverges by
+    batch 100. Rescaling removes the radial
     part of h - h_err, and each layer stays on its input's scale (README, PEPITA)."""
     return h * (x.norm(dim=1, keepdim=True) / h.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
