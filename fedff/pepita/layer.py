@@ -343,8 +343,8 @@ def length_normalized(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     then pushes the weights along the all-positive input and the activity grows. In a
     1-layer net this stays small, but in 784-1024-1024-1024-10 at lr 0.1 the last hidden
     layer's activity grows from 12 to 30 within 50 batches and the run diverges by
-    batch 100. Rescaling removes the radial
-    part of h - h_err, and each layer stays on its input's scale (README, PEPITA)."""
+    batch 100. Rescaling removes the radial part of h - h_err, and each layer stays on
+    its input's scale (README, PEPITA)."""
     return h * (x.norm(dim=1, keepdim=True) / h.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
