@@ -345,7 +345,7 @@ def length_normalized(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     layer's activity grows from 12 to 30 within 50 batches and the run diverges by
     batch 100. Rescaling removes the radial part of h - h_err, and each layer stays on
     its input's scale (README, PEPITA)."""
-    return h * (x.norm(dim=1, keepdim=True) / h.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return nn.functional.normalize(h, dim=1) * x.norm(dim=1, keepdim=True)
 
 
 def factor_std(widths: list[int], f_scale: float) -> float:
