@@ -250,8 +250,7 @@ def test_a_simulated_federation_trains_pepita_clients(tmp_path):
                        torch.from_numpy(start["layer0.feedback"].numpy()))
 
 
-@pytest.mark.parametrize("workers, feedback, normalize", [(3, "fixed", "none"),
-                                                         (1, "fixed", "none"),
+@pytest.mark.parametrize("workers, feedback, normalize", [(1, "fixed", "none"),
                                                          (3, "mirror", "length")])
 def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, workers,
                                                                  feedback, normalize):
@@ -288,11 +287,84 @@ def test_a_chain_with_window_1_trains_the_weights_of_one_process(tmp_path, worke
             assert a["extra"]["scale_tag"] == b["extra"]["scale_tag"] == a["steps"] - 1
     assert chain_eval == evaluate(local, DIGITS.test_x, DIGITS.test_y)
     # the errors on their way up (batch x 24 floats here, batch x 1024 on MNIST) are not
-    # checkpointed: a top-down chain resumes from an epoch's end, never from them
+    # checkpointed: a restarted worker's upstream had those batches answered already
     for i in range(workers):
         saved = torch.load(tmp_path / f"worker{i}/worker.pt", weights_only=True)
         kept = [pb.Ack.FromString(a) for a in saved["acks"].values()]
         assert not any(t.name == "signal" for a in kept for t in a.feedback.tensors)
+
+
+@pytest.mark.parametrize("victim, feedback, normalize", [(1, "mirror", "length"),
+                                                        (0, "fixed", "none"),
+                                                        (2, "fixed", "none")])
+def test_a_worker_killed_mid_epoch_resumes_and_the_chain_trains_one_process_weights(
+        tmp_path, victim, feedback, normalize):
+    """Window 1: a worker killed in the middle of epoch 2 restarts from its checkpoint
+    (every 5 batches: the weights after a pass 2, the dropout generator before the next
+    pass 1, and the pass-2 output it sent on), replays what it lost, and the chain still
+    ends with one process's weights, factors and scale tags, bit for bit."""
+    import signal
+
+    from test_pipeline import chain_state
+
+    cfg = pepita("model.hidden=[24, 16, 12, 10]", "train.epochs=2", "optim.lr=0.05",
+                 f"pepita.feedback={feedback}", f"pepita.normalize={normalize}")
+    local = FFNetwork(cfg, SPEC)
+    for epoch in range(2):
+        train_epoch(local, DIGITS, epoch, show=False)
+    # 29 batches an epoch: killed once batch 13 of epoch 2 has gone in
+    piped, chain = chain_state(cfg, tmp_path, 3, kill_after=42, window=1, victim=victim,
+                               checkpoint_every=5)
+    w = chain.workers[victim]
+    assert w.restarts == 1 and w.history == [-signal.SIGKILL]
+    assert "resumed from" in w.log_file.read_text()
+    for a, b in zip(piped["layers"], local.state_dict()["layers"]):
+        assert a["steps"] == b["steps"] > 0  # every batch trained exactly once
+        assert torch.equal(a["module"]["weight"], b["module"]["weight"])
+        for name in a["buffers"]:
+            assert torch.equal(a["buffers"][name], b["buffers"][name])
+        assert a["extra"]["scale_tag"] == b["extra"]["scale_tag"]
+
+
+def test_a_worker_keeps_only_the_errors_its_upstream_can_ask_again_for(tmp_path):
+    """The ack cache (1,024 answers) keeps the error of only the last `retained` ones
+    (2 checkpoint intervals + 4 windows: what the upstream's link can send again); with
+    factorised feedback on MNIST each is 64 x 1024 floats, 256 MB for a full cache."""
+    from test_pipeline import serve
+
+    from fedff.pipeline.driver import Pipeline
+
+    cfg = pepita("model.hidden=[24, 16, 10]", "train.epochs=1")
+    servers = [serve(tmp_path / str(i), window=1, checkpoint_every=5) for i in range(2)]
+    try:
+        pipe = Pipeline(cfg, SPEC, [s.address for s in servers], window=1)
+        train_epoch(pipe, DIGITS, 0, show=False)
+        pipe.close()
+        core = servers[1].servicer.core  # layer 2: its answers carry the error up
+        with_error = [b for b, a in core.acks.items()
+                      if any(t.name == "signal" for t in a.feedback.tensors)]
+        assert core.opt.retained == 14
+        assert with_error == list(range(16, 30))  # the last 14 of 29 training batches
+        assert list(core.acks) == [*with_error, 30]  # and the epoch's end
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_a_worker_restarted_mid_epoch_at_a_wider_window_names_the_fix():
+    """At window > 1 the pass-1 states waiting for their errors died with the worker: the
+    restarted worker refuses to go on mid-epoch and names --resume and --window 1."""
+    from types import SimpleNamespace
+
+    from fedff.wire.frames import WireError
+    from fedff.worker import top_down
+    from fedff.worker.options import WorkerOptions
+
+    core = SimpleNamespace(opt=WorkerOptions(name="worker1", window=4), waiting={},
+                           replay={"pass2": {}, "metrics": {}})
+    with pytest.raises(WireError, match=r"window 4.*--resume.*--window 1"):
+        top_down.resume(core, None, {5: torch.zeros(2, 3)})
+    assert core.replay is not None  # nothing taken
 
 
 def test_a_diverging_run_stops_with_the_fix_named(tmp_path):

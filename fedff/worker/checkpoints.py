@@ -19,10 +19,16 @@ PREVIOUS = "previous-run.pt"  # the run an explicit reset replaced (one is kept)
 
 
 def worker_state(setup: dict[str, Any], block: dict[str, Any], epoch: int,
-                 trained_through: int, acks: OrderedDict[int, pb.Ack]) -> dict[str, Any]:
-    return {"setup": setup, "block": block, "epoch": epoch,
-            "trained_through": trained_through,
-            "acks": {k: v.SerializeToString() for k, v in acks.items()}}
+                 trained_through: int, acks: OrderedDict[int, pb.Ack],
+                 replay: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`replay`: a top-down learner's mid-epoch checkpoint also keeps what its last pass
+    2 sent on (top_down.resume)."""
+    state = {"setup": setup, "block": block, "epoch": epoch,
+             "trained_through": trained_through,
+             "acks": {k: v.SerializeToString() for k, v in acks.items()}}
+    if replay is not None:
+        state["replay"] = replay
+    return state
 
 
 def snapshot(block: LayerBlock, layers: list[dict[str, Any]] | None, epoch: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Any
 
@@ -56,6 +56,9 @@ class WorkerCore:
         self.inflight: dict[int, InFlight] = {}
         self.waiting: dict[int, list[Pending]] = {}  # top-down: pass 1 done, pass 2 not
         self.modulated: dict[int, torch.Tensor] = {}  # top-down, first worker: x_err
+        self.errors_cached: deque[int] = deque()  # top-down: the acks that carry an error
+        self.errors_back = threading.Condition(self.lock)  # top-down: an error came back
+        self.replay: dict[str, Any] | None = None  # top-down: restarted mid-epoch (top_down)
         saved = checkpoints.load(options.checkpoint_dir)
         if saved is not None:
             self.configure(saved["setup"], saved)
@@ -101,15 +104,17 @@ class WorkerCore:
                 self.epoch, self.received_through, self.acks = loaded
             else:
                 self.acks.clear()
+            self.replay = None if state is None else state.get("replay")
             self.inflight.clear()
             self.waiting.clear()
             self.modulated.clear()
+            self.errors_cached.clear()
             self.link = None
             if setup["last"] < n:
                 self.link = Link(downstream, self._on_downstream_ack,
                                  replace(self.security, run=self.run),
                                  window=self.opt.window, chunk_bytes=self.opt.chunk_bytes,
-                                 retain=2 * self.opt.checkpoint_every + 4 * self.opt.window,
+                                 retain=self.opt.retained,
                                  name=self.opt.name,
                                  wire_dtype=setup.get("wire_dtype", "float32"))
 
@@ -159,15 +164,15 @@ class WorkerCore:
                 return
             state = self.state() if snapshot is None else checkpoints.worker_state(
                 self.setup, snapshot["block"], snapshot["epoch"],
-                snapshot["trained_through"], self._durable_acks())
+                snapshot["trained_through"], self._durable_acks(), snapshot.get("replay"))
             checkpoints.save(self.opt.checkpoint_dir, state)
             self.own_durable = state["trained_through"]
 
     def _durable_acks(self) -> OrderedDict[int, pb.Ack]:
         """The acks a checkpoint keeps. A top-down learner's carry its error up (with
-        factorised feedback, batch x 1024 floats each: 256 MB for 1,024 acks of 64 rows,
-        written every 100 batches), and a restarted top-down worker cannot use them: its
-        pass-1 states are not saved, so its chain resumes from an epoch's end (README);
+        factorised feedback, batch x 1024 floats each, written every 100 batches), and a
+        restarted top-down worker needs none of them: it resumes only at window 1, where
+        the upstream had every batch up to the checkpoint answered (top_down.resume);
         they stay out."""
         if self.block is None or not self.block.top_down:
             return self.acks
@@ -225,12 +230,15 @@ class WorkerCore:
         if self.block.top_down and batch.kind != pb.EVAL:
             inputs = {**codec.pass2_inputs(batch, self.block), **self.modulated}
             self.modulated.clear()
+            if self.replay is not None:
+                inputs = top_down.resume(self, job, inputs)
             unknown = sorted(set(inputs) - set(self.waiting))
             if unknown:
                 raise WireError(f"pass-2 inputs of batches {unknown} arrived, but this worker "
                                 f"holds no pass 1 of them; send each batch's pass 2 once, "
                                 f"after its error came back")
             job.finishing = {bid: (self.waiting.pop(bid), x2) for bid, x2 in inputs.items()}
+            top_down.plan_checkpoint(self, job)
         every = self.opt.checkpoint_every
         due = batch.kind == pb.END_EPOCH or (batch.kind == pb.TRAIN and every
                                              and batch.batch_id % every == 0)
@@ -244,6 +252,10 @@ class WorkerCore:
             session.fill(bid, self.acks[bid], self.durable())
         elif bid in self.inflight:
             pass  # answered when the downstream answers
+        elif self.block is not None and self.block.top_down:
+            # its error is gone (not checkpointed, or older than the errors kept); the
+            # upstream acknowledged it before this worker's checkpoint (window 1)
+            session.fill(bid, pb.Ack(batch_id=bid), self.durable())
         elif self.link is not None:
             self.inflight[bid] = InFlight(kind=pb.REPLAY)
             return Batch(batch_id=bid, kind=pb.REPLAY)
@@ -346,6 +358,7 @@ class WorkerCore:
                 feedback, metrics = later, {}
             elif flight.top_down:
                 feedback = top_down.error_up(self, ack.batch_id, later)
+                self.errors_back.notify_all()
             elif flight.kind == pb.TRAIN and flight.pending is not None:
                 assert self.block is not None
                 feedback["scores"], finish_metrics = self.block.finish(flight.pending,
@@ -375,6 +388,8 @@ class WorkerCore:
         self.acks[bid] = ack
         while len(self.acks) > self.opt.ack_cache:
             self.acks.popitem(last=False)
+        if "signal" in feedback:
+            top_down.forget_old_errors(self, bid)
         if self.session is not None:
             self.session.fill(bid, ack, self.durable())
 

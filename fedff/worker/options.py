@@ -35,6 +35,12 @@ class WorkerOptions:
     max_params: int = 0  # refuse a CONFIGURE whose block is larger (0: default_max_params())
 
     @property
+    def retained(self) -> int:
+        """Batches a worker's link keeps until its downstream holds them durably: two
+        checkpoint intervals and the window's share of in-flight ones."""
+        return 2 * self.checkpoint_every + 4 * self.window
+
+    @property
     def param_limit(self) -> int:
         """--max-params, or this machine's default: bounds a block and a state upload."""
         return self.max_params or default_max_params()

@@ -27,7 +27,7 @@ from fedff.wire.frames import Assembler, Batch, WireError, WireFrame, encode
 from fedff.wire.link import PeerError
 from fedff.wire.security import Security
 from fedff.wire.state import read_state, state_chunks
-from fedff.worker import codec, guard
+from fedff.worker import codec, guard, top_down
 from fedff.worker.core import WorkerCore
 from fedff.worker.options import WorkerOptions
 from fedff.worker.session import END, Abort, Session
@@ -124,6 +124,8 @@ class LayerWorkerServicer(pb_grpc.LayerWorkerServicer):
                               f"{self.opt.name} failed: {type(e).__name__}: {e}")
 
     def _handle(self, batch: Batch, session: Session) -> None:
+        if not top_down.wait_for_errors(self.core, batch.batch_id, lambda: session.closed):
+            return
         with self.core.lock:
             out = self.core.accept(batch, session)
         if out is not None:  # outside the lock: the send may wait for the window

@@ -43,6 +43,9 @@ class Job:
     finishing: dict[int, tuple[list[Pending], torch.Tensor]] = field(default_factory=dict)
     pass2_out: dict[int, torch.Tensor] = field(default_factory=dict)
     top_pending: list[Pending] | None = None
+    # the state between the two, when a finished batch is due for a checkpoint: a
+    # restarted worker replays this frame's pass 1 from there (top_down.py)
+    pass2_snapshot: dict[str, Any] | None = None
 
 
 @torch.no_grad()
@@ -54,6 +57,9 @@ def run_stage(block: LayerBlock, layers: range, job: Job) -> None:
     for bid, (pending, x2) in job.finishing.items():  # top-down: pass 2 of earlier ones
         job.pass2_out[bid], metrics = block.finish_top_down(pending, x2)
         job.metrics.update(metrics)
+    if job.pass2_snapshot is not None:  # a due batch's pass 2 is in, this frame's pass 1
+        job.pass2_snapshot.update(layers=[block.layers[j].state_dict() for j in layers],
+                                  pass2=dict(job.pass2_out), metrics=dict(job.metrics))
     if kind == pb.TRAIN:
         assert job.packet is not None
         for j in layers:
