@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                       default="float32",
                       help="send activations between processes as this (bfloat16 or float16 "
                            "halve the bytes; every layer still computes in float32)")
+    pipe.add_argument("--wire-sparse", action="store_true",
+                      help="send the activations' zeros as bits, the rest as numbers "
+                           "(lossless; ReLU outputs are about half zeros)")
     pipe.add_argument("--reset-workers", action="store_true",
                       help="with --workers: take over workers that still serve another run "
                            "(its checkpoint is kept as previous-run.pt); without it they "
@@ -268,7 +271,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         window=args.window or default_window(cfg),
         checkpoint_every=args.checkpoint_every, keep_workers=args.keep_workers,
         worker_args=_security_args(args), insecure=args.insecure,
-        reset_workers=args.reset_workers, wire_dtype=args.wire_dtype)
+        reset_workers=args.reset_workers, wire_dtype=args.wire_dtype,
+        wire_sparse=args.wire_sparse)
     summary = run_pipeline(cfg, Path(args.out), options, _security(args),
                            show_progress=not args.quiet, resume=args.resume)
     line = {k: summary[k] for k in ("test_error", "error_head", "error_goodness", "epochs",

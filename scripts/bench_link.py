@@ -152,7 +152,8 @@ def drive(args: argparse.Namespace) -> None:
     spec = InputSpec(ds.features, ds.image_shape, ds.num_classes)
     pipe = Pipeline(cfg, spec, args.drive.split(","),
                     Security.from_args(None, None, None, False, args.token_file),
-                    window=args.window, insecure=True, wire_dtype=args.wire)
+                    window=args.window, insecure=True, wire_dtype=args.wire.split("+")[0],
+                    wire_sparse=args.wire.endswith("+sparse"))
     size = cfg.train.batch_size
     try:
         for b in range(args.batches + 10):
@@ -174,7 +175,8 @@ def main() -> None:
     ap.add_argument("--config", default="mnist-ff-3x1000-short")
     ap.add_argument("--profiles", default="none,1gbit,100mbit",
                     help=f"comma list of: {', '.join(PROFILES)}")
-    ap.add_argument("--wires", default="float32,bfloat16")
+    ap.add_argument("--wires", default="float32,bfloat16",
+                    help="comma list of wire dtypes, each optionally +sparse (--wire-sparse)")
     ap.add_argument("--windows", default="4")
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3)
@@ -205,10 +207,10 @@ def main() -> None:
         rows.append({"profile": profile, "wire": wire, "window": window,
                      "samples_per_s": rate, "all": values,
                      "vs_unshaped": rate / base if base else None})
-    print(f"\n{'link':<14}{'wire':<10}{'window':>7}{'samples/s':>11}{'vs unshaped':>13}")
+    print(f"\n{'link':<14}{'wire':<16}{'window':>7}{'samples/s':>11}{'vs unshaped':>13}")
     for r in rows:
         ratio = "-" if r["vs_unshaped"] is None else f"{r['vs_unshaped']:.2f}"
-        print(f"{r['profile']:<14}{r['wire']:<10}{r['window']:>7}"
+        print(f"{r['profile']:<14}{r['wire']:<16}{r['window']:>7}"
               f"{r['samples_per_s']:>11.0f}{ratio:>13}")
     Path(args.out).write_text(json.dumps({"config": args.config, "batches": args.batches,
                                           "reps": args.reps, "rows": rows}, indent=2))

@@ -43,21 +43,24 @@ def test_bench_ff_prints_a_table_and_writes_paired_mfu(tmp_path):
 def test_bench_wire_counts_the_bytes_each_hop_sends(tmp_path):
     """digits, 3 x 48/40/32, batch 100 (50 + 50 rows of 64 features): the driver sends the
     examples (float) and labels, wrong labels (int64); each worker its activations,
-    neutral rows and head taps. bf16 halves the float bytes and nothing else."""
+    neutral rows and head taps. bf16 halves the float bytes and nothing else; the sparse
+    wire sends fewer (digits are about half zeros, as are ReLU outputs)."""
     out = tmp_path / "wire.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_wire.py"), "--config", "digits-ff",
          "--set", "model.hidden=[48, 40, 32]", "--set", "train.negatives=random",
-         "--set", "train.batch_size=50", "--batches", "3", "--wire-dtypes", "float32,bfloat16",
+         "--set", "train.batch_size=50", "--batches", "3", "--wires", "float32,bfloat16,float32+sparse",
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "driver->w0" in run.stdout and "bfloat16" in run.stdout
-    fp32, bf16 = json.loads(out.read_text())["rows"]
+    fp32, bf16, sparse = json.loads(out.read_text())["rows"]
     assert fp32["bytes_per_sample"][0] == 64 * 4 + 2 * 8  # example, label, wrong label
     assert bf16["bytes_per_sample"][0] == 64 * 2 + 2 * 8
     # worker 0 -> 1: 2 rows (positive, negative) of 48, a neutral row, and the label
     assert fp32["bytes_per_sample"][1] == (2 + 1) * 48 * 4 + 8
     assert bf16["bytes_per_sample"][1] == (2 + 1) * 48 * 2 + 8
+    for hop in range(3):
+        assert sparse["bytes_per_sample"][hop] < 0.8 * fp32["bytes_per_sample"][hop]
 
 
 def test_bench_time_to_accuracy_reports_when_the_validation_target_is_first_met(tmp_path):

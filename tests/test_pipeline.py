@@ -483,26 +483,34 @@ def test_forward_and_state_rpcs(tmp_path):
 
 def test_a_bf16_wire_halves_the_activation_bytes_and_learns_like_fp32(tmp_path):
     """`--wire-dtype bfloat16`: every hop sends activations as bf16, every layer computes
-    in float32 (the codec restores it); labels and goodness sums stay exact."""
+    in float32 (the codec restores it); labels and goodness sums stay exact.
+    `--wire-sparse` (zeros as bits) is lossless: the weights of the fp32 wire, bit for bit,
+    from fewer bytes."""
     from fedff.engine.evaluate import evaluate
 
     cfg = small("train.epochs=2")
     results = {}
-    for wire in ("float32", "bfloat16"):
-        servers = [serve(tmp_path / wire / str(i)) for i in range(2)]
+    for wire, sparse in (("float32", False), ("bfloat16", False), ("float32", True)):
+        servers = [serve(tmp_path / f"{wire}{sparse}" / str(i)) for i in range(2)]
         try:
-            pipe = Pipeline(cfg, SPEC, [s.address for s in servers], wire_dtype=wire)
+            pipe = Pipeline(cfg, SPEC, [s.address for s in servers], wire_dtype=wire,
+                            wire_sparse=sparse)
             for epoch in range(cfg.train.epochs):
                 train_epoch(pipe, DIGITS, epoch, show=False)
             error = evaluate(pipe, DIGITS.test_x, DIGITS.test_y)["error_goodness"]
             hop = servers[0].servicer.core.link
-            results[wire] = (pipe.link.bytes_sent, hop.bytes_sent, error)
-            assert hop.wire_dtype == wire  # the driver set the whole chain's wire
+            results[wire, sparse] = (pipe.link.bytes_sent, hop.bytes_sent, error,
+                                     pipe.state_dict())
+            assert hop.wire_dtype == wire and hop.wire_sparse == sparse  # the whole chain's
             pipe.close()
         finally:
             for s in servers:
                 s.stop()
-    (d32, h32, e32), (d16, h16, e16) = results["float32"], results["bfloat16"]
+    (d32, h32, e32, w32), (d16, h16, e16, _) = results["float32", False], results["bfloat16", False]
     assert 0.5 <= h16 / h32 < 0.52  # worker -> worker: activations (labels are tiny)
     assert 0.5 <= d16 / d32 < 0.6  # driver -> worker: examples halve, labels do not
     assert abs(e16 - e32) < 0.03, (e32, e16)
+    ds, hs, es, ws = results["float32", True]
+    assert hs < 0.8 * h32 and ds < 0.8 * d32, (hs / h32, ds / d32)
+    assert es == e32
+    assert_same_network(ws, {k: v for k, v in w32.items() if k != "pipeline"})

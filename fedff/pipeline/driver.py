@@ -74,7 +74,8 @@ class Pipeline:
                  security: Security = Security(), window: int = 4,
                  connect_timeout: float = 60.0, give_up_after: float | None = 600.0,
                  insecure: bool = False, run_id: str | None = None,
-                 reset_workers: bool = False, wire_dtype: str = "float32"):
+                 reset_workers: bool = False, wire_dtype: str = "float32",
+                 wire_sparse: bool = False):
         check_pipeline_config(cfg)
         check_exposure(addresses, security, insecure, "drive")
         # Workers serve one run (worker/guard.py): every call names it. A resumed run
@@ -84,6 +85,7 @@ class Pipeline:
             raise ConfigError(f"--wire-dtype {wire_dtype!r}: choose one of "
                               f"{', '.join(WIRE_DTYPES)}")
         self.wire_dtype = wire_dtype  # how every hop sends activations (frames.lighter)
+        self.wire_sparse = wire_sparse  # and their zeros, as bits (wire/sparse.py)
         security = replace(security, run=self.run_id)
         self.cfg, self.spec, self.addresses, self.security = cfg, spec, addresses, security
         self.device = torch.device("cpu")
@@ -119,7 +121,7 @@ class Pipeline:
                  "features": self.spec.features, "num_classes": self.spec.num_classes,
                  "first": first, "last": last, "head": last_worker,
                  "downstream": None if last_worker else self.addresses[i + 1],
-                 "wire_dtype": self.wire_dtype}
+                 "wire_dtype": self.wire_dtype, "wire_sparse": self.wire_sparse}
         return {**setup, "reset": True} if self.reset_workers else setup
 
     def _wait_ready(self, timeout: float) -> None:
@@ -153,7 +155,7 @@ class Pipeline:
     def _new_link(self) -> Link:
         return Link(self.addresses[0], self._on_ack, self.security, window=self.window,
                     give_up_after=self.give_up_after, name="driver",
-                    wire_dtype=self.wire_dtype)
+                    wire_dtype=self.wire_dtype, wire_sparse=self.wire_sparse)
 
     def abort(self, reason: str) -> None:
         """Makes the waiting driver fail now with `reason` (the launcher gave up on a worker)."""
@@ -309,6 +311,7 @@ class ChainOptions:
     insecure: bool = False  # drive remote workers without a token or mutual TLS
     reset_workers: bool = False  # take over remote workers that serve another run
     wire_dtype: str = "float32"  # activations on every hop: float32 | bfloat16 | float16
+    wire_sparse: bool = False  # and their zeros as bits (lossless)
     worker_args: list[str] = field(default_factory=list)  # e.g. TLS flags for local workers
 
 
@@ -338,7 +341,8 @@ def run_pipeline(cfg: Config, out: Path, options: ChainOptions,
         pipelines.append(Pipeline(cfg, spec, addresses, security, window=options.window,
                                   insecure=options.insecure, run_id=resumed_run(out, resume),
                                   reset_workers=options.reset_workers,
-                                  wire_dtype=options.wire_dtype))
+                                  wire_dtype=options.wire_dtype,
+                                  wire_sparse=options.wire_sparse))
         return pipelines[-1]
 
     def give_up(reason: str) -> None:  # the launcher stopped restarting a worker

@@ -68,15 +68,20 @@ def header_for(tensors: dict[str, torch.Tensor], kind: int = pb.TRAIN, epoch: in
                           total_bytes=total, head=head)
 
 
-def lighter(batch: Batch, wire_dtype: str) -> Batch:
+def lighter(batch: Batch, wire_dtype: str, sparse: bool = False) -> Batch:
     """The batch with its float32 activations cast to `wire_dtype` (bf16 or fp16 halve
     the bytes); the receiver's codec restores float32, so a layer computes in float32
-    either way and only the rounding of its input changes."""
-    if wire_dtype == "float32":
+    either way and only the rounding of its input changes. `sparse`: zeros travel as
+    bits (wire/sparse.py, lossless; the receiver's Assembler rebuilds the tensors)."""
+    if wire_dtype == "float32" and not sparse:
         return batch
     dtype = DTYPES[wire_dtype]
     tensors = {k: t.to(dtype) if t.dtype == torch.float32 and k not in EXACT else t
                for k, t in batch.tensors.items()}
+    if sparse:
+        from fedff.wire import sparse as zeros  # it imports this module
+
+        tensors = zeros.pack(tensors)
     return Batch(batch.batch_id, batch.kind, batch.epoch, batch.n_pos, batch.head, tensors)
 
 
@@ -229,6 +234,13 @@ def _tensors(header: pb.FrameHeader, buffer: torch.Tensor) -> dict[str, torch.Te
     return out
 
 
+def _dense(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sparse-packed activations (`lighter(..., sparse=True)`) rebuilt."""
+    from fedff.wire import sparse  # it imports this module
+
+    return sparse.unpack(tensors)
+
+
 def decode_feedback(header: pb.FrameHeader, data: bytes) -> dict[str, torch.Tensor]:
     if not header.tensors:
         return {}
@@ -288,7 +300,7 @@ class Assembler:
         self._reset()
         assert header is not None
         return Batch(batch_id=batch_id, kind=header.kind, epoch=header.epoch, n_pos=header.n_pos,
-                     head=header.head, tensors=_tensors(header, buffer))
+                     head=header.head, tensors=_dense(_tensors(header, buffer)))
 
     def _whole(self, frame: WireFrame) -> Batch:
         """A batch in one chunk: tensors view the received message itself, no copy.
@@ -305,7 +317,7 @@ class Assembler:
             buffer = torch.frombuffer(frame.data, dtype=torch.uint8) if len(frame.data) \
                 else torch.empty(0, dtype=torch.uint8)
         return Batch(batch_id=frame.batch_id, kind=header.kind, epoch=header.epoch,
-                     n_pos=header.n_pos, head=header.head, tensors=_tensors(header, buffer))
+                     n_pos=header.n_pos, head=header.head, tensors=_dense(_tensors(header, buffer)))
 
     def _start(self, frame: WireFrame) -> None:
         if frame.header is None:

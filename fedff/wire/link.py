@@ -40,9 +40,10 @@ class Link:
                  security: Security = Security(), window: int = 4, retain: int = 256,
                  chunk_bytes: int = CHUNK_BYTES, ack_timeout: float = 120.0,
                  give_up_after: float | None = None, name: str = "link",
-                 wire_dtype: str = "float32"):
+                 wire_dtype: str = "float32", wire_sparse: bool = False):
         self.address, self.on_ack, self.security = address, on_ack, security
         self.wire_dtype = wire_dtype  # activations travel as this (frames.lighter)
+        self.wire_sparse = wire_sparse  # and their zeros as bits (wire/sparse.py)
         self.bytes_sent = 0  # tensor bytes of every batch queued (re-sends not counted)
         self.window, self.retain, self.chunk_bytes = window, retain, chunk_bytes
         self.ack_timeout, self.give_up_after, self.name = ack_timeout, give_up_after, name
@@ -66,7 +67,7 @@ class Link:
         The frames view the batch's tensors until the batch is durable downstream: do
         not modify them in place after sending.
         """
-        frames = encode(lighter(batch, self.wire_dtype), self.chunk_bytes)
+        frames = encode(lighter(batch, self.wire_dtype, self.wire_sparse), self.chunk_bytes)
         with self._cond:
             while not self._closed and self.error is None and (
                     self.sent_through - self.acked_through >= self.window

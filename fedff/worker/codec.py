@@ -178,6 +178,8 @@ def check_setup(setup: object) -> None:
         raise ConfigError("the setup's 'downstream' must be 'host:port' or null")
     if setup.get("wire_dtype", "float32") not in WIRE_DTYPES:
         raise ConfigError(f"the setup's 'wire_dtype' must be one of {', '.join(WIRE_DTYPES)}")
+    if not isinstance(setup.get("wire_sparse", False), bool):
+        raise ConfigError("the setup's 'wire_sparse' must be true or false")
     for key, top in (("features", 10**8), ("num_classes", 10**5)):
         if not 1 <= setup[key] <= top:
             raise ConfigError(f"the setup's '{key}' must lie in 1..{top:,}, got {setup[key]}")

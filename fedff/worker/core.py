@@ -116,7 +116,8 @@ class WorkerCore:
                                  window=self.opt.window, chunk_bytes=self.opt.chunk_bytes,
                                  retain=self.opt.retained,
                                  name=self.opt.name,
-                                 wire_dtype=setup.get("wire_dtype", "float32"))
+                                 wire_dtype=setup.get("wire_dtype", "float32"),
+                                 wire_sparse=setup.get("wire_sparse", False))
 
     @property
     def run(self) -> str | None:
