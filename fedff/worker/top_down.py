@@ -4,6 +4,8 @@ Pass 1 of batch b runs with b's frame; at the last worker the error starts up in
 and each worker carries it through its layers (`error_up`); the first worker keeps the
 modulated input, and pass 2 of b runs with the next frame that reaches each worker
 (`pass2.<b>` tensors), so every worker's math runs on the thread that receives frames.
+At window 1 a worker that crashes resumes mid-epoch from its last checkpoint and replays
+what it lost exactly (`plan_checkpoint`, `resume`, `wait_for_errors`).
 """
 
 from __future__ import annotations
