@@ -112,9 +112,11 @@ def wait_for_errors(core: WorkerCore, batch_id: int, closed: Callable[[], bool])
     through this worker, as it always is in a running chain; after a restart, the upstream
     re-sends its frames at once, and this keeps their replay in the order they first ran.
     False: the stream closed while waiting (the upstream sends the frame again)."""
+    block = core.block
+    if block is None or not block.top_down or core.opt.window != 1:
+        return True  # the other learners: no lock taken here
     with core.errors_back:
-        while (core.block is not None and core.block.top_down and core.opt.window == 1
-               and batch_id > core.received_through
+        while (batch_id > core.received_through
                and any(f.top_down for f in core.inflight.values())):
             if closed():
                 return False
