@@ -76,9 +76,7 @@ def drill_on(site: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     report["coordinator_log"] = log.read_text()[-3000:]
     report["events"] = list(site.procs.events)
     if args.kill != "none":  # after its restart: one of each, no duplicates
-        report["killed_unit_processes"] = sorted(
-            program(cmd) for cmd in deploy_local.members(
-                deploy_local.UNIT, site.procs.unit(args.kill)).values())
+        report["killed_unit_processes"] = settled_programs(site, args.kill)
     history = rounds_done(out)
     report["rounds"] = [{k: r.get(k) for k in ("round", "sampled", "replies", "failures",
                                                  "test_error")} for r in history]
@@ -88,6 +86,18 @@ def drill_on(site: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     report["site_back_in_round"] = back_in_round(history, args.after_round) \
         if args.kill.startswith("site") else None
     return report
+
+
+def settled_programs(site: Any, unit: str, wait: float = 15.0) -> list[str]:
+    """The unit's programs once the last round's ClientApp (a process per message, which
+    may still be exiting when the run is reported finished) is gone, or after `wait` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        programs = sorted(program(cmd) for cmd in deploy_local.members(
+            deploy_local.UNIT, site.procs.unit(unit)).values())
+        if "flwr-clientapp" not in programs or time.monotonic() > deadline:
+            return programs
+        time.sleep(0.5)
 
 
 def back_in_round(history: list[dict[str, Any]], after_round: int) -> int | None:
