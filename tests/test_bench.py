@@ -49,7 +49,8 @@ def test_bench_wire_counts_the_bytes_each_hop_sends(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_wire.py"), "--config", "digits-ff",
          "--set", "model.hidden=[48, 40, 32]", "--set", "train.negatives=random",
-         "--set", "train.batch_size=50", "--batches", "3", "--wires", "float32,bfloat16,float32+sparse",
+         "--set", "train.batch_size=50", "--batches", "3",
+         "--wires", "float32,bfloat16,float32+sparse",
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "driver->w0" in run.stdout and "bfloat16" in run.stdout

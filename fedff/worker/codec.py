@@ -14,12 +14,15 @@ layer sees it, so a bad batch is refused whole and nothing is applied. What trav
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fedff.engine.block import LayerBlock, Packet
 from fedff.engine.network import overlay_rows
 from fedff.errors import ConfigError, ShapeError
 from fedff.ff import negatives as neg
+from fedff.layers import registry
 from fedff.v1 import worker_pb2 as pb
 from fedff.wire.frames import WIRE_DTYPES, Batch, WireError
 
@@ -183,3 +186,19 @@ def check_setup(setup: object) -> None:
     for key, top in (("features", 10**8), ("num_classes", 10**5)):
         if not 1 <= setup[key] <= top:
             raise ConfigError(f"the setup's '{key}' must lie in 1..{top:,}, got {setup[key]}")
+
+
+def check_block_size(cfg: Any, setup: dict[str, Any], limit: int) -> None:
+    """Refuses, before anything is allocated, a block larger than --max-params (its
+    dense size: in x out + out per layer, an upper bound for conv cells)."""
+    layers = registry.layer_configs(cfg, int(setup["features"]))
+    first, last = int(setup["first"]), int(setup["last"])
+    params = sum(c.in_features * c.out_features + c.out_features
+                 for c in layers[first:last])
+    if setup["head"]:  # the softmax head reads (at most) every layer's output
+        params += int(setup["num_classes"]) * (sum(c.out_features for c in layers) + 1)
+    if params > limit:
+        raise ConfigError(f"CONFIGURE asks for a block of {params:,} parameters (layers "
+                          f"[{first}, {last})), more than this worker's --max-params "
+                          f"{limit:,}; start the worker with a larger --max-params, or "
+                          f"split the network over more workers")

@@ -32,7 +32,6 @@ from fedff.worker import checkpoints, codec, top_down
 from fedff.worker.options import WorkerOptions
 from fedff.worker.session import InFlight, Session
 from fedff.worker.stages import Inline, Job, Stager, make_runner
-from fedff.layers import registry
 from fedff.layers.contract import Pending
 
 log = logging.getLogger("fedff.worker")
@@ -75,7 +74,7 @@ class WorkerCore:
         `reset`: the setup takes over another run's worker; its checkpoint is set aside."""
         try:
             cfg = from_dict(setup["config"])
-            self._check_size(cfg, setup)
+            codec.check_block_size(cfg, setup, self.opt.param_limit)
             block = LayerBlock(cfg, int(setup["features"]), int(setup["num_classes"]),
                                int(setup["first"]), int(setup["last"]), bool(setup["head"]),
                                self.opt.device)
@@ -124,22 +123,6 @@ class WorkerCore:
         """The run this worker is bound to (None: free)."""
         run = self.setup.get("run")
         return run if isinstance(run, str) and run else None
-
-    def _check_size(self, cfg: Any, setup: dict[str, Any]) -> None:
-        """Refuses, before anything is allocated, a block larger than --max-params (its
-        dense size: in x out + out per layer, an upper bound for conv cells)."""
-        limit = self.opt.param_limit
-        layers = registry.layer_configs(cfg, int(setup["features"]))
-        first, last = int(setup["first"]), int(setup["last"])
-        params = sum(c.in_features * c.out_features + c.out_features
-                     for c in layers[first:last])
-        if setup["head"]:  # the softmax head reads (at most) every layer's output
-            params += int(setup["num_classes"]) * (sum(c.out_features for c in layers) + 1)
-        if params > limit:
-            raise ConfigError(f"CONFIGURE asks for a block of {params:,} parameters (layers "
-                              f"[{first}, {last})), more than this worker's --max-params "
-                              f"{limit:,}; start the worker with a larger --max-params, or "
-                              f"split the network over more workers")
 
     def durable(self) -> int:
         if self.link is None:
