@@ -3,11 +3,17 @@
 Each of the 3 workers and the driver runs in its own network namespace, joined to one
 bridge by a veth pair; with a link profile, both ends of every veth are shaped, so every
 host's link has the profile's rate in each direction: a token bucket (`tc tbf`) for the
-rate-only profiles, `tc netem` (half the one-way delay and the rate on each end, so any
-two hosts see the profile's delay) for those with a delay, which need a kernel with
-sch_netem. Traffic never leaves those namespaces. Needs root, `ip` and `tc`. Every
-(profile, wire dtype, window) is measured --reps times, alternating; medians are
-reported, with each row's ratio to the unshaped row of the same wire and window.
+rate-only profiles. A profile's delay is added either by `tc netem` (`--delay netem`:
+half the one-way delay and the rate on each end, so any two hosts see the profile's
+delay; needs a kernel with sch_netem) or, where the kernel lacks it, by a userspace relay
+(`--delay relay`): in each sending host's namespace a relay takes the hop's TCP stream on
+loopback and passes every read on to the next host only once the delay has passed, in
+each direction, holding at most twice the link's bandwidth-delay product; the token
+bucket shapes its outgoing link as before. The relay sees the same one-way delay on
+every byte but not TCP's own reaction to it (the loopback leg acks at once). Traffic
+never leaves those namespaces. Needs root, `ip` and `tc`. Every (profile, wire dtype,
+window) is measured --reps times, alternating; medians are reported, with each row's
+ratio to the unshaped row of the same wire and window.
 
     sudo python scripts/bench_link.py --data-dir ../shared/data --out bench_link.json
 """
@@ -15,6 +21,8 @@ reported, with each row's ratio to the unshaped row of the same wire and window.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import json
 import os
 import statistics
@@ -27,10 +35,13 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILES = {"none": None, "1gbit": ("1gbit", 0.0), "100mbit": ("100mbit", 0.0),
-            "1gbit-0.5ms": ("1gbit", 0.5), "100mbit-10ms": ("100mbit", 10.0)}
+# name: (rate, one-way delay in ms, or None for a rate alone); "1gbit-0ms" sends every hop
+# through the relay with no delay, which shows what the relay itself costs
+PROFILES = {"none": None, "1gbit": ("1gbit", None), "100mbit": ("100mbit", None),
+            "1gbit-0ms": ("1gbit", 0.0), "1gbit-0.5ms": ("1gbit", 0.5),
+            "100mbit-10ms": ("100mbit", 10.0)}
 BITS = {"gbit": 1e9, "mbit": 1e6}
-PREFIX, BRIDGE, PORT = "10.77.0", "ffbr0", 7001
+PREFIX, BRIDGE, PORT, RELAY_PORT = "10.77.0", "ffbr0", 7001, 7010
 HOSTS = ["drv", "w0", "w1", "w2"]  # the driver, then the chain in order
 
 
@@ -65,8 +76,9 @@ def network() -> Iterator[None]:
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
 
 
-def shape(profile: str) -> None:
-    """netem on both ends of every host's veth (replacing any earlier profile)."""
+def shape(profile: str, delay_by: str) -> None:
+    """Every host's veth, both ends, shaped to the profile (replacing any earlier one):
+    netem where it adds the delay, else a token bucket for the rate alone."""
     for host in HOSTS:
         for dev, ns in ((f"ff-{host}-br", None), ("eth0", f"ff-{host}")):
             prefix = ["ip", "netns", "exec", ns] if ns else []
@@ -75,35 +87,113 @@ def shape(profile: str) -> None:
             if PROFILES[profile] is None:
                 continue
             rate, delay_ms = PROFILES[profile]
-            if delay_ms:
+            if delay_ms is not None and delay_by == "netem":
                 qdisc = ["netem", "delay", f"{delay_ms / 2}ms", "rate", rate, "limit", "100000"]
             else:  # a bucket of 10 ms at the rate, a queue of 100 ms
-                bucket = int(float(rate[:-4]) * BITS[rate[-4:]] / 8 / 100)
-                qdisc = ["tbf", "rate", rate, "burst", str(bucket), "latency", "100ms"]
+                qdisc = ["tbf", "rate", rate, "burst", str(int(rate_bytes(rate) / 100)),
+                         "latency", "100ms"]
             try:
                 sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", *qdisc)
             except subprocess.CalledProcessError as err:
                 sys.exit(f"bench_link.py: `tc qdisc add ... {' '.join(qdisc)}` failed: "
-                         f"{err.stderr.strip()}; a delay needs the kernel's sch_netem "
-                         f"(modprobe sch_netem), or choose rate-only --profiles "
-                         f"none,1gbit,100mbit")
+                         f"{err.stderr.strip()}; a delay by netem needs the kernel's "
+                         f"sch_netem (modprobe sch_netem), or pass --delay relay")
+
+
+def rate_bytes(rate: str) -> float:
+    return float(rate[:-4]) * BITS[rate[-4:]] / 8
+
+
+# -- the delay relay --------------------------------------------------------------------
+
+
+async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
+                budget: int) -> None:
+    """One direction of a hop: each read goes on `delay` seconds after it arrived; at most
+    `budget` bytes are held (what the link itself would hold, about)."""
+    loop = asyncio.get_running_loop()
+    held: collections.deque[tuple[float, bytes]] = collections.deque()
+    size = 0
+    cond = asyncio.Condition()
+
+    async def take() -> None:
+        nonlocal size
+        while True:
+            try:
+                data = await reader.read(1 << 16)
+            except ConnectionError:
+                data = b""  # a reset ends the direction as a close does
+            async with cond:
+                await cond.wait_for(lambda: size < budget)
+                held.append((loop.time() + delay, data))
+                size += len(data)
+                cond.notify_all()
+            if not data:
+                return
+
+    taker = asyncio.create_task(take())
+    try:
+        while True:
+            async with cond:
+                await cond.wait_for(lambda: bool(held))
+                due, data = held.popleft()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+            async with cond:
+                size -= len(data)
+                cond.notify_all()
+    except ConnectionError:
+        pass
+    finally:
+        taker.cancel()
+        writer.close()
+
+
+async def relay(listen_port: int, target: str, delay_ms: float, rate: str) -> None:
+    host, port = target.rsplit(":", 1)
+    budget = max(1 << 18, int(2 * rate_bytes(rate) * delay_ms / 1e3))
+
+    async def hop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(carry(reader, up_writer, delay_ms / 1e3, budget),
+                             carry(up_reader, writer, delay_ms / 1e3, budget))
+
+    server = await asyncio.start_server(hop, "127.0.0.1", listen_port)
+    async with server:
+        await server.serve_forever()
+
+
+# -- the chain --------------------------------------------------------------------------
 
 
 @contextmanager
-def workers(root: Path, token: Path, window: int) -> Iterator[list[str]]:
-    """The chain's workers, each in its namespace, each sending on to the next."""
-    procs, chain = [], [f"{address(h)}:{PORT}" for h in HOSTS[1:]]
+def workers(root: Path, token: Path, window: int, relayed: tuple[str, float] | None
+            ) -> Iterator[list[str]]:
+    """The chain's workers, each in its namespace, each sending on to the next; with
+    `relayed` (rate, delay in ms), each hop's data goes through a delay relay in the
+    sender's namespace. Returns the addresses the driver is given (control calls to the
+    later workers go direct; the data takes the relays)."""
+    procs, listen = [], [f"{address(h)}:{PORT}" for h in HOSTS[1:]]
+    hops = [f"127.0.0.1:{RELAY_PORT + i}" for i in range(len(listen))] if relayed else listen
     try:
+        for i, host in enumerate(HOSTS[:-1]):  # host i sends to worker i
+            if relayed:
+                procs.append(subprocess.Popen(
+                    ["ip", "netns", "exec", f"ff-{host}", sys.executable, __file__,
+                     "--relay", f"{RELAY_PORT + i},{listen[i]},{relayed[1]},{relayed[0]}"]))
         for i, host in enumerate(HOSTS[1:]):
-            nxt = ["--next", chain[i + 1]] if i + 1 < len(chain) else []
+            nxt = ["--next", hops[i + 1]] if i + 1 < len(listen) else []
             log = open(root / f"{host}.log", "w")
             procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", f"ff-{host}", sys.executable, "-m", "fedff", "worker",
-                 "--listen", chain[i], "--token-file", str(token), "--insecure",
+                 "--listen", listen[i], "--token-file", str(token), "--insecure",
                  "--threads", "1", "--window", str(window),
                  "--checkpoint-dir", str(root / host), *nxt],
                 stdout=log, stderr=subprocess.STDOUT))
-        yield chain
+        yield [hops[0], *listen[1:]]
     finally:
         for p in procs:
             p.terminate()
@@ -116,11 +206,13 @@ def workers(root: Path, token: Path, window: int) -> Iterator[list[str]]:
 
 def measure(args: argparse.Namespace, profile: str, wire: str, window: int) -> float:
     """samples/s of --batches training batches, driven from the driver's namespace."""
-    shape(profile)
+    shape(profile, args.delay)
+    link = PROFILES[profile]
+    relayed = link if link and link[1] is not None and args.delay == "relay" else None
     with tempfile.TemporaryDirectory() as tmp:
         root, token = Path(tmp), Path(tmp) / "token"
         token.write_text(os.urandom(16).hex())
-        with workers(root, token, window) as chain:
+        with workers(root, token, window, relayed) as chain:
             drive = subprocess.run(
                 ["ip", "netns", "exec", "ff-drv", sys.executable, __file__, "--drive",
                  ",".join(chain), "--token-file", str(token), "--wire", wire,
@@ -180,14 +272,21 @@ def main() -> None:
     ap.add_argument("--windows", default="4")
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--delay", choices=["netem", "relay"], default="netem",
+                    help="what adds a profile's delay: tc netem (needs sch_netem) or a "
+                         "userspace relay per hop")
     ap.add_argument("--out", default="bench_link.json")
     ap.add_argument("--drive", help=argparse.SUPPRESS)  # internal: the driver's side
     ap.add_argument("--token-file", help=argparse.SUPPRESS)
     ap.add_argument("--wire", help=argparse.SUPPRESS)
     ap.add_argument("--window", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--relay", help=argparse.SUPPRESS)  # internal: PORT,TARGET,DELAY_MS,RATE
     args = ap.parse_args()
     if args.drive:
         return drive(args)
+    if args.relay:
+        port, target, delay_ms, rate = args.relay.split(",")
+        return asyncio.run(relay(int(port), target, float(delay_ms), rate))
     if os.geteuid() != 0:
         sys.exit("bench_link.py needs root (network namespaces and tc); run it with sudo")
     cells = [(p, w, int(n)) for p in args.profiles.split(",") for w in args.wires.split(",")
@@ -213,7 +312,8 @@ def main() -> None:
         print(f"{r['profile']:<14}{r['wire']:<16}{r['window']:>7}"
               f"{r['samples_per_s']:>11.0f}{ratio:>13}")
     Path(args.out).write_text(json.dumps({"config": args.config, "batches": args.batches,
-                                          "reps": args.reps, "rows": rows}, indent=2))
+                                          "reps": args.reps, "delay_by": args.delay,
+                                          "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -113,3 +113,50 @@ def test_the_validation_split_is_held_out_of_training():
     assert not any(tuple(r.tolist()) in rows for r in val_x[:50] if
                    (ds.train_x == r).all(1).sum() == 1)  # unique images never in both
     assert torch.equal(split(ds, 300)[1], val_x)  # the same split every time
+
+
+def test_the_link_relay_delays_each_direction_and_passes_every_byte():
+    """bench_link.py's --delay relay (for kernels without sch_netem): a round trip through
+    it takes twice the one-way delay, and a stream larger than its budget arrives whole
+    and in order."""
+    import asyncio
+    import socket
+    import time
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_link
+
+    async def echo(reader, writer):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[list[float], bytes, bytes]:
+        target = await asyncio.start_server(echo, "127.0.0.1", 0)
+        with socket.socket() as s:  # a free port for the relay
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        relay = asyncio.create_task(bench_link.relay(
+            port, f"127.0.0.1:{target.sockets[0].getsockname()[1]}", 25.0, "100mbit"))
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        trips = []
+        for _ in range(3):
+            start = time.perf_counter()
+            writer.write(b"x")
+            await writer.drain()
+            await reader.readexactly(1)
+            trips.append(time.perf_counter() - start)
+        blob = os.urandom(3 << 20)  # over 10 times the relay's 256 KiB budget
+        writer.write(blob)
+        await writer.drain()
+        back = await reader.readexactly(len(blob))
+        writer.close()
+        relay.cancel()
+        target.close()
+        return trips, blob, back
+
+    trips, blob, back = asyncio.run(main())
+    assert all(0.050 <= t < 0.5 for t in trips), trips
+    assert back == blob
