@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 
 from fedff.config import Config
 from fedff.data.datasets import Dataset
@@ -39,6 +38,10 @@ def threshold_of(train_scores: torch.Tensor, nu: float) -> float:
 
 def detection_metrics(scores: torch.Tensor, anomaly: torch.Tensor, threshold: float
                       ) -> dict[str, float]:
+    # sklearn (with scipy and pandas) takes over a second to import: every worker,
+    # driver and CLI start imports this module, one-class or not
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
     y, s = anomaly.cpu().numpy().astype(int), scores.numpy()
     if not np.isfinite(s).all():
         raise ValueError("anomaly scores contain NaN or inf: the network diverged")
@@ -69,6 +72,7 @@ def plot_detection(scores: torch.Tensor, anomaly: torch.Tensor, threshold: float
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     y, s = anomaly.cpu().numpy().astype(int), scores.numpy()
     fpr, tpr, _ = roc_curve(y, s)
