@@ -226,7 +226,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="cores the in-process run uses")
     ap.add_argument("--chains", default="2,3")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--wire-mb", type=int, default=512)
+    ap.add_argument("--wire-mb", type=int, default=2048,
+                    help="MB per timed stream (512 lasted under half a second here: noisy)")
     ap.add_argument("--rss-epochs", type=int, default=10)
     ap.add_argument("--rss-train-limit", type=int, default=6000)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: wire,efficiency,rss")
