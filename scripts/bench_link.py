@@ -157,7 +157,11 @@ async def relay(listen_port: int, target: str, delay_ms: float, rate: str) -> No
     budget = max(1 << 18, int(2 * rate_bytes(rate) * delay_ms / 1e3))
 
     async def hop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except OSError:  # the worker is not listening yet: the caller sees a close, retries
+            writer.close()
+            return
         await asyncio.gather(carry(reader, up_writer, delay_ms / 1e3, budget),
                              carry(up_reader, writer, delay_ms / 1e3, budget))
 
@@ -179,11 +183,10 @@ def workers(root: Path, token: Path, window: int, relayed: tuple[str, float] | N
     procs, listen = [], [f"{address(h)}:{PORT}" for h in HOSTS[1:]]
     hops = [f"127.0.0.1:{RELAY_PORT + i}" for i in range(len(listen))] if relayed else listen
     try:
-        for i, host in enumerate(HOSTS[:-1]):  # host i sends to worker i
-            if relayed:
-                procs.append(subprocess.Popen(
-                    ["ip", "netns", "exec", f"ff-{host}", sys.executable, __file__,
-                     "--relay", f"{RELAY_PORT + i},{listen[i]},{relayed[1]},{relayed[0]}"]))
+        for i, host in enumerate(HOSTS[:-1] if relayed else []):  # host i sends to worker i
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", f"ff-{host}", sys.executable, __file__,
+                 "--relay", f"{RELAY_PORT + i},{listen[i]},{relayed[1]},{relayed[0]}"]))
         for i, host in enumerate(HOSTS[1:]):
             nxt = ["--next", hops[i + 1]] if i + 1 < len(listen) else []
             log = open(root / f"{host}.log", "w")
@@ -287,6 +290,10 @@ def main() -> None:
     if args.relay:
         port, target, delay_ms, rate = args.relay.split(",")
         return asyncio.run(relay(int(port), target, float(delay_ms), rate))
+    unknown = set(args.profiles.split(",")) - PROFILES.keys()
+    if unknown:
+        ap.error(f"unknown --profiles {', '.join(sorted(unknown))}; choose from "
+                 f"{', '.join(PROFILES)}")
     if os.geteuid() != 0:
         sys.exit("bench_link.py needs root (network namespaces and tc); run it with sudo")
     cells = [(p, w, int(n)) for p in args.profiles.split(",") for w in args.wires.split(",")
