@@ -160,3 +160,33 @@ def test_the_link_relay_delays_each_direction_and_passes_every_byte():
     trips, blob, back = asyncio.run(main())
     assert all(0.050 <= t < 0.5 for t in trips), trips
     assert back == blob
+
+
+def test_bench_link_names_an_unknown_profile_before_touching_the_network():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_link.py"),
+                          "--profiles", "none,10gbit"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2
+    assert "unknown --profiles 10gbit; choose from none, 1gbit" in run.stderr
+
+
+def test_the_raw_streams_of_bench_pipeline_deliver_every_byte():
+    """(a)'s baselines: the same bytes object again and again, and each message copied
+    from a tensor first; the sink's byte count must match what was sent (it asserts)."""
+    from concurrent import futures
+
+    import grpc
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_pipeline
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Raw", {"Sink": grpc.stream_unary_rpc_method_handler(bench_pipeline._raw_sink)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for copy in (False, True):
+            assert bench_pipeline.raw_stream_mbs(f"127.0.0.1:{port}", 8, 1 << 20, copy) > 0
+    finally:
+        server.stop(0)
