@@ -57,6 +57,9 @@ class ModelConfig:
 class TrainConfig:
     algorithm: str = "supervised"  # supervised (label overlay) | unsupervised (hybrid images)
     negatives: str = "hard"  # supervised: random | hard | hard-memory; unsup.: hybrid | none
+    # supervised: k different wrong labels per example, k negative rows; their loss is
+    # averaged, so k > 1 lowers the negatives' gradient noise for (k + 1) / 2 the compute
+    negatives_per_example: int = 1
     epochs: int = 100
     batch_size: int = 100
     seed: int = 0
@@ -165,6 +168,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.partitioner": ("iid", "dirichlet", "classes"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", "head.lr",
+            "train.negatives_per_example",
             "model.temperature", "model.threshold_scale", "federation.clients",
             "federation.rounds", "federation.local_epochs", "federation.min_clients",
             "federation.round_timeout", "federation.connect_timeout",
@@ -305,6 +309,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.algorithm = 'unsupervised' makes negatives from hybrid images "
                           f"(or none, for UFF cells); set train.negatives = 'hybrid' or 'none' "
                           f"(got {cfg.train.negatives!r})")
+    check_negatives_per_example(cfg)
     registry.check_kinds(cfg)
     if cfg.train.algorithm == "unsupervised" and cfg.train.classify == "goodness":
         raise ConfigError("unsupervised FF has no label overlay to score per label; "
@@ -333,6 +338,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'head.layers' has layer indices {bad} outside 0..{n - 1} "
                           f"(indices count hidden layers from 0)")
     return cfg
+
+
+def check_negatives_per_example(cfg: Config) -> None:
+    k = cfg.train.negatives_per_example
+    if k == 1:
+        return
+    if cfg.train.algorithm != "supervised":
+        raise ConfigError(f"train.negatives_per_example = {k} draws k wrong labels per "
+                          f"example, which only supervised FF has; set it to 1")
+    if cfg.model.objective == "symba":
+        raise ConfigError(f"model.objective = 'symba' pairs each positive with one negative; "
+                          f"set train.negatives_per_example = 1 (got {k})")
+    if k > 9:  # the digit datasets' 10 classes leave 9 wrong labels
+        raise ConfigError(f"train.negatives_per_example = {k}: an example has only 9 wrong "
+                          f"labels to draw from; choose 1..9")
 
 
 SHAPE_KEYS = ("data.dataset", "model.hidden", "model.cell", "head.layers")

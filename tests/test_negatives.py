@@ -47,6 +47,35 @@ def test_hard_wrong_labels_follow_the_model():
     assert not (wrong == labels).any()
 
 
+@pytest.mark.parametrize("draw", ["random", "hard", "memory"])
+def test_k_wrong_labels_are_different_wrong_labels_in_blocks(draw):
+    """k = 3: three blocks of len(labels), each row's three labels wrong and distinct;
+    hard draws take the model's likely confusions first, and the memory draws uniformly
+    for an example it has not seen."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 10
+    probs = torch.full((600, 10), 0.01)
+    probs[torch.arange(600), (labels + 1) % 10] = 0.5
+    if draw == "random":
+        wrong = neg.random_wrong_labels(labels, 10, g, k=3)
+    elif draw == "hard":
+        wrong = neg.hard_wrong_labels(labels, probs, g, k=3)
+    else:
+        memory = neg.PredictionMemory(10)
+        memory.remember(torch.arange(300), probs[:300])
+        wrong = memory.wrong_labels(labels, torch.arange(600), g, k=3)
+    blocks = wrong.view(3, 600)
+    assert not (blocks == labels).any()
+    assert all(len(set(col.tolist())) == 3 for col in blocks.t())
+    likely = (blocks == (labels + 1) % 10).any(0)
+    if draw == "random":
+        assert 0.2 < float(likely.float().mean()) < 0.45  # 3 of 9 labels: 1/3
+    elif draw == "hard":
+        assert bool(likely.all())
+    else:
+        assert bool(likely[:300].all()) and float(likely[300:].float().mean()) < 0.45
+
+
 def test_blob_masks_are_binary_with_large_regions():
     g = torch.Generator().manual_seed(0)
     m = neg.blob_masks(64, (28, 28), blur_steps=10, generator=g).view(64, 28, 28)

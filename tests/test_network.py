@@ -133,6 +133,22 @@ def test_hard_memory_negatives_draw_from_each_examples_previous_prediction():
         resumed.train_batch(DIGITS.train_x[:8], DIGITS.train_y[:8])
 
 
+def test_k_negatives_per_example_train_k_negative_rows(monkeypatch):
+    """train.negatives_per_example = 3: each layer sees the batch's positives and three
+    negatives per example, and the network still learns; symba's pairs refuse it."""
+    sizes = []
+    step = FFNetwork.ff_step
+    monkeypatch.setattr(FFNetwork, "ff_step", lambda self, p: (
+        sizes.append((p.x.shape[0], p.n_pos)), step(self, p))[1])
+    net = train(small("train.negatives_per_example=3"), 8)
+    assert set(sizes) >= {(4 * 50, 50)}
+    assert evaluate(net, DIGITS.test_x, DIGITS.test_y)["error_goodness"] < 0.10
+    with pytest.raises(ConfigError, match="set train.negatives_per_example = 1"):
+        small("train.negatives_per_example=2", "model.objective=symba")
+    with pytest.raises(ConfigError, match="choose 1..9"):
+        small("train.negatives_per_example=10")
+
+
 def test_wrong_batch_shape_names_the_fix():
     net = FFNetwork(small(), SPEC)
     with pytest.raises(ShapeError, match=r"\[batch, 64\], got \[4, 8, 8\]; flatten"):

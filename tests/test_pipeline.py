@@ -99,6 +99,7 @@ def test_split_layers():
 @pytest.mark.parametrize("overrides,workers", [
     ((), 3),
     (("train.negatives=hard-memory", "train.epochs=3"), 3),
+    (("train.negatives=hard-memory", "train.negatives_per_example=3", "train.epochs=2"), 2),
     (("model.collaboration=earlier",), 2),
     (("train.algorithm=unsupervised", "train.negatives=hybrid", "train.classify=head"), 3),
     (("train.algorithm=unsupervised", "train.negatives=none", "train.classify=head",

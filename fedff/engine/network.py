@@ -39,9 +39,10 @@ def wrong_labels(cfg: Config, spec: InputSpec, labels: torch.Tensor,
                  generator: torch.Generator, probs: torch.Tensor | None = None) -> torch.Tensor:
     """The negatives' labels: drawn in proportion to the head's `probs` when given (hard
     negatives), else uniformly among the wrong ones."""
+    k = cfg.train.negatives_per_example
     if probs is not None:
-        return neg.hard_wrong_labels(labels, probs, generator)
-    return neg.random_wrong_labels(labels, spec.num_classes, generator)
+        return neg.hard_wrong_labels(labels, probs, generator, k)
+    return neg.random_wrong_labels(labels, spec.num_classes, generator, k)
 
 
 def overlay_rows(cfg: Config, num_classes: int, x: torch.Tensor, labels: torch.Tensor,
@@ -193,7 +194,8 @@ class FFNetwork:
         if self.memory is not None:  # the previous visit's prediction, then this one's
             assert probs is not None
             index = visit_index(index, x)
-            wrong = self.memory.wrong_labels(labels, index, self.generator)
+            wrong = self.memory.wrong_labels(labels, index, self.generator,
+                                             t.negatives_per_example)
             self.memory.remember(index, probs)
             rows = overlay_rows(self.cfg, self.spec.num_classes, x, labels, wrong)
         else:

@@ -43,19 +43,24 @@ def neutral(x: torch.Tensor, num_classes: int, strength: float = 1.0) -> torch.T
 
 
 def random_wrong_labels(labels: torch.Tensor, num_classes: int,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """A uniformly drawn label different from each true label.
+                        generator: torch.Generator | None = None, k: int = 1) -> torch.Tensor:
+    """A uniformly drawn label different from each true label; k > 1: k different ones,
+    as k blocks of len(labels) (the layout `overlay` stacks).
 
     Drawn on the CPU, where the network's generator lives, so a seed gives the same
     negatives on every device.
     """
+    if k > 1:
+        uniform = torch.ones(labels.shape[0], num_classes)
+        return hard_wrong_labels(labels, uniform, generator, k)
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
     return (labels + shift.to(labels.device)) % num_classes
 
 
 def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """A wrong label sampled in proportion to the model's predicted probability.
+                      generator: torch.Generator | None = None, k: int = 1) -> torch.Tensor:
+    """A wrong label sampled in proportion to the model's predicted probability; k > 1:
+    k different ones (drawn without replacement), as k blocks of len(labels).
 
     Sampled on the CPU with the network's generator, as random_wrong_labels is, so a seed
     gives the same negatives on every device; the draw returns on `labels`' device.
@@ -63,7 +68,8 @@ def hard_wrong_labels(labels: torch.Tensor, probs: torch.Tensor,
     # + 1e-12: a confident, correct model still yields a valid distribution
     p = probs.detach().float().cpu() + 1e-12
     p.scatter_(1, labels.cpu().view(-1, 1), 0.0)
-    return torch.multinomial(p, 1, generator=generator).view(-1).to(labels.device)
+    drawn = torch.multinomial(p, k, generator=generator)  # [n, k]
+    return drawn.t().reshape(-1).to(labels.device)
 
 
 class PredictionMemory:
@@ -82,16 +88,16 @@ class PredictionMemory:
         self.lock = threading.Lock()
 
     def wrong_labels(self, labels: torch.Tensor, index: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        wrong = random_wrong_labels(labels, self.num_classes, generator)
+                     generator: torch.Generator | None = None, k: int = 1) -> torch.Tensor:
+        wrong = random_wrong_labels(labels, self.num_classes, generator, k).view(k, -1)
         with self.lock:
             self._grow(int(index.max()) + 1)
             seen = self.seen[index]
             probs = self.probs[index[seen]]
         if bool(seen.any()):
-            wrong[seen.to(wrong.device)] = hard_wrong_labels(
-                labels[seen.to(labels.device)], probs, generator)
-        return wrong
+            wrong[:, seen.to(wrong.device)] = hard_wrong_labels(
+                labels[seen.to(labels.device)], probs, generator, k).view(k, -1)
+        return wrong.reshape(-1)
 
     def remember(self, index: torch.Tensor, probs: torch.Tensor) -> None:
         if probs.shape != (index.shape[0], self.num_classes):

@@ -211,7 +211,8 @@ class Pipeline:
         if self.supervised:  # the first worker builds the overlays and the neutral rows
             if self.memory is not None:
                 index = visit_index(index, x)
-                wrong = self.memory.wrong_labels(labels, index, self.generator)
+                wrong = self.memory.wrong_labels(labels, index, self.generator,
+                                                 self.cfg.train.negatives_per_example)
             else:
                 wrong = wrong_labels(self.cfg, self.spec, labels, self.generator)
             tensors = {"examples": x, "labels": labels, "wrong": wrong}

@@ -112,11 +112,12 @@ def _overlays(batch: Batch, block: LayerBlock, labels: torch.Tensor | None,
     examples = tensor(batch, "examples", torch.float32)
     wrong = tensor(batch, "wrong", torch.int64)
     assert examples is not None and wrong is not None
-    c, n = num_classes, examples.shape[0]
-    if labels is None or labels.shape != (n,) or wrong.shape != (n,):
-        raise ShapeError(f"examples need one label and one wrong label each: [{n}]")
-    if n and not (0 <= int(torch.minimum(labels, wrong).min())
-                  and int(torch.maximum(labels, wrong).max()) < c):
+    c, n, k = num_classes, examples.shape[0], block.cfg.train.negatives_per_example
+    if labels is None or labels.shape != (n,) or wrong.shape != (k * n,):
+        raise ShapeError(f"examples need one label and train.negatives_per_example = {k} "
+                         f"wrong labels each: labels [{n}], wrong [{k * n}]")
+    both = torch.cat([labels, wrong])
+    if n and not 0 <= int(both.min()) <= int(both.max()) < c:
         raise ShapeError(f"labels must lie in 0..{c - 1}")
     if batch.n_pos != n:
         raise ShapeError(f"n_pos must equal the number of examples ({n}), got {batch.n_pos}")
