@@ -179,7 +179,7 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.eval_every", "optim.lr", 
 NON_NEGATIVE = ("train.threads", "data.train_limit", "data.test_limit", "train.hybrid_blur_steps",
                 "optim.weight_decay", "head.weight_decay", "model.peer_norm",
                 "probe.examples", "probe.weight_decay", "probe.mlp_hidden",
-                "probe.knn_examples", "federation.server_warmup", "pepita.wm_lr",
+                "probe.knn_examples", "federation.server_warmup", "optim.warmup", "pepita.wm_lr",
                 "pepita.wm_wd", "pepita.wm_epochs", "pepita.wm_every", "oneclass.normal")
 UNIT_INTERVAL = ("optim.momentum", "optim.beta2", "optim.dampening", "head.momentum",
                  "model.peer_momentum",

@@ -134,6 +134,25 @@ def test_schedule_halves_then_decays_to_near_zero():
     assert lrs[-1] == pytest.approx(0.002)
 
 
+@pytest.mark.parametrize("schedule", ["half-constant-linear", "constant", "step"])
+def test_warmup_ramps_the_first_epochs_then_follows_the_schedule(schedule):
+    """optim.warmup = 3: the first three epochs at 1/4, 2/4, 3/4 of the schedule's lr,
+    every later one exactly the schedule's."""
+    def lrs(warmup: int) -> list[float]:
+        layer = make_layer()
+        layer.config.epochs = 10
+        layer.config.optim.schedule, layer.config.optim.milestones = schedule, [6]
+        layer.config.optim.warmup = warmup
+        out = []
+        for e in range(10):
+            layer.set_epoch(e)
+            out.append(layer.optimizer.param_groups[0]["lr"])
+        return out
+    cold, warm = lrs(0), lrs(3)
+    assert warm[:3] == pytest.approx([c * f for c, f in zip(cold, (0.25, 0.5, 0.75))])
+    assert warm[3:] == cold[3:]
+
+
 @pytest.mark.parametrize("objective,gamma", [("hinton", None), ("low", None),
                                              ("hinton", "random"), ("symba", None),
                                              ("symba", "random")])

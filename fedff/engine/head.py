@@ -38,8 +38,7 @@ class LinearHead:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         s = self.schedule
-        factor = 1.0 if s is None else lr_factor(s.schedule, epoch, self.epochs, s.milestones,
-                                                 s.decay)
+        factor = 1.0 if s is None else lr_factor(s, epoch, self.epochs)
         set_hyper(self.optimizer, self.hyper(), factor)
 
     @torch.no_grad()

@@ -265,7 +265,7 @@ class Layer(ABC):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         o = self.config.optim
-        factor = lr_factor(o.schedule, epoch, self.config.epochs, o.milestones, o.decay)
+        factor = lr_factor(o, epoch, self.config.epochs)
         for name, optimizer in self.optimizers.items():
             set_hyper(optimizer, self.hyper(name), factor)
 

@@ -31,6 +31,7 @@ class OptimConfig:
     schedule: str = "half-constant-linear"  # | constant | step (x decay at milestones)
     milestones: list[int] = field(default_factory=lambda: [60, 90])  # step: epochs
     decay: float = 0.1  # step: the lr factor at each milestone
+    warmup: int = 0  # epochs over which lr rises linearly to the schedule's, before it
 
 
 def make_sgd(params: Any, device: torch.device, **hyper: float) -> torch.optim.SGD:
@@ -55,15 +56,17 @@ def make_optimizer(params: Any, device: torch.device, o: OptimConfig) -> torch.o
     return make_sgd(params, device, **optimizer_hyper(o))
 
 
-def lr_factor(schedule: str, epoch: int, epochs: int, milestones: list[int] | None = None,
-              decay: float = 0.1) -> float:
+def lr_factor(o: OptimConfig, epoch: int, epochs: int) -> float:
     """FF's reference schedule: constant for the first half, then linearly down to ~0;
-    or constant; or `step`: times `decay` at each milestone epoch passed (PEPITA's)."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "step":
-        return decay ** sum(epoch >= m for m in (milestones or []))
-    return min(1.0, 2.0 * (epochs - epoch) / epochs)
+    or constant; or `step`: times `decay` at each milestone epoch passed (PEPITA's).
+    `warmup` W scales the first W epochs by 1 / (W + 1) .. W / (W + 1): a larger lr
+    than a cold network survives, reached once its activities have settled."""
+    warm = min(1.0, (epoch + 1) / (o.warmup + 1))
+    if o.schedule == "constant":
+        return warm
+    if o.schedule == "step":
+        return warm * o.decay ** sum(epoch >= m for m in o.milestones)
+    return warm * min(1.0, 2.0 * (epochs - epoch) / epochs)
 
 
 def set_hyper(optimizer: torch.optim.Optimizer, hyper: dict[str, Any], factor: float) -> None:
