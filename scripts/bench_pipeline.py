@@ -1,10 +1,11 @@
 """Benchmark of the layer-worker pipeline: wire throughput, pipeline efficiency, worker RSS.
 
 (a) wire: MB/s of fedff's activation stream (tensors -> frames -> gRPC Train stream ->
-    tensors at the receiver, with the window and acks of the real `Link`) against a raw
-    gRPC stream of bytes messages of the same chunk size (one object sent again and
-    again, and each message copied from a tensor first), to a receiver in another
-    process, measured alternately in the same run; medians of --reps.
+    tensors at the receiver, with the window and acks of the real `Link`) against raw
+    gRPC streams of bytes messages of the same chunk size (one object sent again and
+    again; each message copied from a tensor first; copied, on a bidirectional stream
+    that answers each message), to a receiver in another process, measured alternately
+    in the same run; medians of --reps.
 (b) efficiency: samples/s of a K-worker chain on this host (real worker processes) over
     samples/s of the in-process engine with the same cores, net and batches, for each K
     in --chains. The two are timed alternately, --reps times; the median ratio is
@@ -80,12 +81,22 @@ def _raw_sink(requests, context):
     return n.to_bytes(8, "little")
 
 
+def _raw_echo(requests, context):
+    """One reply per message, as soon as it is read: the least an acked stream costs."""
+    for n, _ in enumerate(requests, 1):
+        yield n.to_bytes(8, "little")
+
+
+RAW_HANDLERS = {"Sink": grpc.stream_unary_rpc_method_handler(_raw_sink),
+                "Echo": grpc.stream_stream_rpc_method_handler(_raw_echo)}
+
+
 def serve_sinks(port_queue) -> None:
     torch.set_num_threads(1)
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
     add_worker_to_server(SinkServicer(), server)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "bench.Raw", {"Sink": grpc.stream_unary_rpc_method_handler(_raw_sink)})])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Raw",
+                                                                          RAW_HANDLERS)])
     port_queue.put(server.add_insecure_port("127.0.0.1:0"))
     server.start()
     server.wait_for_termination()
@@ -109,6 +120,24 @@ def raw_stream_mbs(address: str, total_mb: int, chunk: int, copy: bool = False) 
     return got / seconds / 1e6
 
 
+def acked_stream_mbs(address: str, total_mb: int, chunk: int) -> float:
+    """Raw bytes (each copied from a tensor) on a bidirectional stream that answers every
+    message, the replies read on the caller's thread: gRPC Python's own cost of a stream
+    with an ack per message, without fedff's window, frames or assembly."""
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    echo = channel.stream_stream("/bench.Raw/Echo")
+    x = torch.randn(chunk // 4)
+    n = total_mb * 2**20 // chunk
+    start = time.perf_counter()
+    last = 0
+    for reply in echo(x.numpy().tobytes() for _ in range(n)):
+        last = int.from_bytes(reply, "little")
+    seconds = time.perf_counter() - start
+    channel.close()
+    assert last == n
+    return n * chunk / seconds / 1e6
+
+
 def activation_stream_mbs(address: str, total_mb: int, rows: int, width: int) -> float:
     x = torch.randn(rows, width)
     nbytes = x.numel() * 4
@@ -129,7 +158,7 @@ def bench_wire(reps: int, total_mb: int) -> dict:
     proc = ctx.Process(target=serve_sinks, args=(ports,), daemon=True)
     proc.start()
     address = f"127.0.0.1:{ports.get(timeout=60)}"
-    raw, copied, act = [], [], []
+    raw, copied, acked, act = [], [], [], []
     try:
         # The same message size on all: one 300 x 1000 float32 batch fits one chunk.
         message = min(CHUNK_BYTES, 300 * 1000 * 4)
@@ -138,6 +167,7 @@ def bench_wire(reps: int, total_mb: int) -> dict:
         for _ in range(reps):
             raw.append(raw_stream_mbs(address, total_mb, message))
             copied.append(raw_stream_mbs(address, total_mb, message, copy=True))
+            acked.append(acked_stream_mbs(address, total_mb, message))
             act.append(activation_stream_mbs(address, total_mb, 300, 1000))
     finally:
         proc.terminate()
@@ -145,7 +175,11 @@ def bench_wire(reps: int, total_mb: int) -> dict:
             "raw_copy_mb_s": statistics.median(copied),
             "ratio": statistics.median(a / r for a, r in zip(act, raw)),
             "ratio_to_copy": statistics.median(a / c for a, c in zip(act, copied)),
-            "raw_all": raw, "raw_copy_all": copied, "activation_all": act,
+            "raw_acked_mb_s": statistics.median(acked),
+            "ratio_to_acked": statistics.median(a / k for a, k in zip(act, acked)),
+            "acked_to_raw": statistics.median(k / r for k, r in zip(acked, raw)),
+            "raw_all": raw, "raw_copy_all": copied, "raw_acked_all": acked,
+            "activation_all": act,
             "batch": "300 x 1000 float32 (1.2 MB)", "message_bytes": message}
 
 
@@ -253,7 +287,9 @@ def main() -> None:
         result["wire"] = w = bench_wire(args.reps, args.wire_mb)
         print(f"(a) wire: activation stream {w['activation_mb_s']:.0f} MB/s, raw gRPC bytes "
               f"{w['raw_mb_s']:.0f} MB/s (ratio {w['ratio']:.2f}), raw bytes each copied "
-              f"from a tensor {w['raw_copy_mb_s']:.0f} MB/s (ratio {w['ratio_to_copy']:.2f})")
+              f"from a tensor {w['raw_copy_mb_s']:.0f} MB/s (ratio {w['ratio_to_copy']:.2f}), "
+              f"raw copied bytes each answered {w['raw_acked_mb_s']:.0f} MB/s (ratio "
+              f"{w['ratio_to_acked']:.2f}; it is {w['acked_to_raw']:.2f} of raw)")
     with tempfile.TemporaryDirectory() as tmp:
         if "efficiency" not in skip:
             ds = load_dataset(args.dataset, args.data_dir, train_limit=args.train_limit,

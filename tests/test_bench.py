@@ -171,8 +171,9 @@ def test_bench_link_names_an_unknown_profile_before_touching_the_network():
 
 
 def test_the_raw_streams_of_bench_pipeline_deliver_every_byte():
-    """(a)'s baselines: the same bytes object again and again, and each message copied
-    from a tensor first; the sink's byte count must match what was sent (it asserts)."""
+    """(a)'s baselines: the same bytes object again and again, each message copied from
+    a tensor first, and copied messages each answered; the sink's byte count (or the
+    last answer's message count) must match what was sent (they assert)."""
     from concurrent import futures
 
     import grpc
@@ -182,11 +183,12 @@ def test_the_raw_streams_of_bench_pipeline_deliver_every_byte():
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "bench.Raw", {"Sink": grpc.stream_unary_rpc_method_handler(bench_pipeline._raw_sink)})])
+        "bench.Raw", bench_pipeline.RAW_HANDLERS)])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
         for copy in (False, True):
             assert bench_pipeline.raw_stream_mbs(f"127.0.0.1:{port}", 8, 1 << 20, copy) > 0
+        assert bench_pipeline.acked_stream_mbs(f"127.0.0.1:{port}", 8, 1 << 20) > 0
     finally:
         server.stop(0)
