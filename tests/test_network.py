@@ -147,6 +147,9 @@ def test_k_negatives_per_example_train_k_negative_rows(monkeypatch):
         small("train.negatives_per_example=2", "model.objective=symba")
     with pytest.raises(ConfigError, match="choose 1..9"):
         small("train.negatives_per_example=10")
+    with pytest.raises(ConfigError, match="only supervised FF has; set it to 1"):
+        small("train.negatives_per_example=2", "train.algorithm=unsupervised",
+              "train.negatives=hybrid", "train.classify=head")
 
 
 def test_wrong_batch_shape_names_the_fix():
