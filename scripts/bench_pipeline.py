@@ -4,8 +4,9 @@
     tensors at the receiver, with the window and acks of the real `Link`) against raw
     gRPC streams of bytes messages of the same chunk size (one object sent again and
     again; each message copied from a tensor first; copied, on a bidirectional stream
-    that answers each message), to a receiver in another process, measured alternately
-    in the same run; medians of --reps.
+    that answers each message) and against fedff's frames on a stream without acks (the
+    codec alone), to a receiver in another process, measured alternately in the same
+    run; medians of --reps.
 (b) efficiency: samples/s of a K-worker chain on this host (real worker processes) over
     samples/s of the in-process engine with the same cores, net and batches, for each K
     in --chains. The two are timed alternately, --reps times; the median ratio is
@@ -40,7 +41,8 @@ from fedff.pipeline.launcher import LocalChain
 from fedff.train import train_epoch
 from fedff.v1 import worker_pb2 as pb
 from fedff.v1 import worker_pb2_grpc as pb_grpc
-from fedff.wire.frames import CHUNK_BYTES, Assembler, Batch
+from fedff.wire.frames import (CHUNK_BYTES, Assembler, Batch, encode, parse_frame,
+                               serialize_frame)
 from fedff.wire.rpc import add_worker_to_server
 from fedff.wire.link import Link
 from fedff.wire.security import CHANNEL_OPTIONS, SERVER_OPTIONS
@@ -87,8 +89,18 @@ def _raw_echo(requests, context):
         yield n.to_bytes(8, "little")
 
 
+def _frame_sink(frames, context):
+    """Parses and assembles every batch as a worker does, but answers once, at the end."""
+    assembler, n = Assembler(), 0
+    for frame in frames:
+        n += assembler.add(frame) is not None
+    return n.to_bytes(8, "little")
+
+
 RAW_HANDLERS = {"Sink": grpc.stream_unary_rpc_method_handler(_raw_sink),
-                "Echo": grpc.stream_stream_rpc_method_handler(_raw_echo)}
+                "Echo": grpc.stream_stream_rpc_method_handler(_raw_echo),
+                "Frames": grpc.stream_unary_rpc_method_handler(
+                    _frame_sink, request_deserializer=parse_frame)}
 
 
 def serve_sinks(port_queue) -> None:
@@ -138,6 +150,24 @@ def acked_stream_mbs(address: str, total_mb: int, chunk: int) -> float:
     return n * chunk / seconds / 1e6
 
 
+def frames_stream_mbs(address: str, total_mb: int, rows: int, width: int) -> float:
+    """fedff's codec alone: batches encoded, serialised (serialize_frame), parsed and
+    assembled into tensors at the receiver, on a stream with no acks and no window."""
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    send = channel.stream_unary("/bench.Raw/Frames", request_serializer=serialize_frame)
+    x = torch.randn(rows, width)
+    nbytes = x.numel() * 4
+    n = max(1, total_mb * 2**20 // nbytes)
+    batches = (Batch(batch_id=i, kind=pb.TRAIN, n_pos=rows // 2, tensors={"x": x})
+               for i in range(1, n + 1))
+    start = time.perf_counter()
+    got = int.from_bytes(send(f for b in batches for f in encode(b)), "little")
+    seconds = time.perf_counter() - start
+    channel.close()
+    assert got == n, (got, n)
+    return n * nbytes / seconds / 1e6
+
+
 def activation_stream_mbs(address: str, total_mb: int, rows: int, width: int) -> float:
     x = torch.randn(rows, width)
     nbytes = x.numel() * 4
@@ -158,7 +188,7 @@ def bench_wire(reps: int, total_mb: int) -> dict:
     proc = ctx.Process(target=serve_sinks, args=(ports,), daemon=True)
     proc.start()
     address = f"127.0.0.1:{ports.get(timeout=60)}"
-    raw, copied, acked, act = [], [], [], []
+    raw, copied, acked, framed, act = [], [], [], [], []
     try:
         # The same message size on all: one 300 x 1000 float32 batch fits one chunk.
         message = min(CHUNK_BYTES, 300 * 1000 * 4)
@@ -168,6 +198,7 @@ def bench_wire(reps: int, total_mb: int) -> dict:
             raw.append(raw_stream_mbs(address, total_mb, message))
             copied.append(raw_stream_mbs(address, total_mb, message, copy=True))
             acked.append(acked_stream_mbs(address, total_mb, message))
+            framed.append(frames_stream_mbs(address, total_mb, 300, 1000))
             act.append(activation_stream_mbs(address, total_mb, 300, 1000))
     finally:
         proc.terminate()
@@ -178,8 +209,11 @@ def bench_wire(reps: int, total_mb: int) -> dict:
             "raw_acked_mb_s": statistics.median(acked),
             "ratio_to_acked": statistics.median(a / k for a, k in zip(act, acked)),
             "acked_to_raw": statistics.median(k / r for k, r in zip(acked, raw)),
+            "frames_mb_s": statistics.median(framed),
+            "frames_to_raw": statistics.median(f / r for f, r in zip(framed, raw)),
+            "ratio_to_frames": statistics.median(a / f for a, f in zip(act, framed)),
             "raw_all": raw, "raw_copy_all": copied, "raw_acked_all": acked,
-            "activation_all": act,
+            "frames_all": framed, "activation_all": act,
             "batch": "300 x 1000 float32 (1.2 MB)", "message_bytes": message}
 
 
@@ -289,7 +323,9 @@ def main() -> None:
               f"{w['raw_mb_s']:.0f} MB/s (ratio {w['ratio']:.2f}), raw bytes each copied "
               f"from a tensor {w['raw_copy_mb_s']:.0f} MB/s (ratio {w['ratio_to_copy']:.2f}), "
               f"raw copied bytes each answered {w['raw_acked_mb_s']:.0f} MB/s (ratio "
-              f"{w['ratio_to_acked']:.2f}; it is {w['acked_to_raw']:.2f} of raw)")
+              f"{w['ratio_to_acked']:.2f}; it is {w['acked_to_raw']:.2f} of raw), fedff frames "
+              f"without acks {w['frames_mb_s']:.0f} MB/s (ratio {w['ratio_to_frames']:.2f}; "
+              f"it is {w['frames_to_raw']:.2f} of raw)")
     with tempfile.TemporaryDirectory() as tmp:
         if "efficiency" not in skip:
             ds = load_dataset(args.dataset, args.data_dir, train_limit=args.train_limit,

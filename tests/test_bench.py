@@ -172,8 +172,9 @@ def test_bench_link_names_an_unknown_profile_before_touching_the_network():
 
 def test_the_raw_streams_of_bench_pipeline_deliver_every_byte():
     """(a)'s baselines: the same bytes object again and again, each message copied from
-    a tensor first, and copied messages each answered; the sink's byte count (or the
-    last answer's message count) must match what was sent (they assert)."""
+    a tensor first, copied messages each answered, and fedff's frames without acks; the
+    sink's byte count (or the count of messages or assembled batches) must match what
+    was sent (they assert)."""
     from concurrent import futures
 
     import grpc
@@ -190,5 +191,6 @@ def test_the_raw_streams_of_bench_pipeline_deliver_every_byte():
         for copy in (False, True):
             assert bench_pipeline.raw_stream_mbs(f"127.0.0.1:{port}", 8, 1 << 20, copy) > 0
         assert bench_pipeline.acked_stream_mbs(f"127.0.0.1:{port}", 8, 1 << 20) > 0
+        assert bench_pipeline.frames_stream_mbs(f"127.0.0.1:{port}", 8, 300, 1000) > 0
     finally:
         server.stop(0)
