@@ -102,3 +102,27 @@ def test_oversize_unknown_dtype_and_missing_header_refused():
 def test_garbage_bytes_refused():
     with pytest.raises(WireError):
         parse_frame(b"\x08\xff\xff\xff")
+
+
+def test_single_chunk_batches_assemble_without_a_warning_in_a_fresh_process():
+    """A one-chunk batch's tensors view the message's read-only bytes; torch's warning
+    about that (once per process) must not reach the user, and silencing it must leave
+    the process's warning filters as they were."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import warnings, torch
+        from fedff.v1 import worker_pb2 as pb
+        from fedff.wire.frames import Assembler, Batch, encode, parse_frame, serialize_frame
+        filters = list(warnings.filters)
+        for i in (1, 2):
+            x = torch.randn(4, 3)
+            frame = encode(Batch(batch_id=i, kind=pb.TRAIN, tensors={"x": x}))[0]
+            out = Assembler().add(parse_frame(serialize_frame(frame)))
+            assert torch.equal(out.tensors["x"], x)
+        assert warnings.filters == filters
+        """
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

@@ -248,6 +248,26 @@ def decode_feedback(header: pb.FrameHeader, data: bytes) -> dict[str, torch.Tens
                     if data else torch.empty(0, dtype=torch.uint8))
 
 
+_silenced = False
+
+
+def _read_only(data: memoryview | bytes) -> torch.Tensor:
+    """A uint8 tensor viewing a message's read-only bytes.
+
+    torch warns, once per process, that such a tensor must not be written. Only the
+    first call silences it: `catch_warnings` swaps the process's warning filters, which
+    on every batch would race with other threads' warnings.
+    """
+    global _silenced
+    if _silenced:
+        return torch.frombuffer(data, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given buffer is not writable"
+        tensor = torch.frombuffer(data, dtype=torch.uint8)
+    _silenced = True
+    return tensor
+
+
 class Assembler:
     """Collects the chunks of one batch at a time and returns it when complete."""
 
@@ -312,10 +332,7 @@ class Assembler:
         header = self.header
         assert header is not None
         self._reset()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
-            buffer = torch.frombuffer(frame.data, dtype=torch.uint8) if len(frame.data) \
-                else torch.empty(0, dtype=torch.uint8)
+        buffer = _read_only(frame.data) if len(frame.data) else torch.empty(0, dtype=torch.uint8)
         return Batch(batch_id=frame.batch_id, kind=header.kind, epoch=header.epoch,
                      n_pos=header.n_pos, head=header.head, tensors=_dense(_tensors(header, buffer)))
 
