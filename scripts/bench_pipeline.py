@@ -285,6 +285,24 @@ def bench_rss(cfg, ds: Dataset, k: int, epochs: int, root: Path) -> dict:
             "growth_first_to_last": growth, "max_abs_growth": max(abs(g) for g in growth)}
 
 
+WIRE_ROWS = [("raw bytes, one object re-sent", "raw"), ("raw bytes, each copied", "raw_copy"),
+             ("fedff frames, no acks", "frames"), ("raw copied, each answered", "raw_acked"),
+             ("activation stream (Link)", "activation")]
+
+
+def print_wire(w: dict) -> None:
+    """Each stream's MB/s beside the medians of its per-run ratios to raw and of the
+    activation stream's per-run ratios to it."""
+    print(f"(a) wire, {w['batch']} per message, medians of {len(w['raw_all'])} runs")
+    print(f"{'stream':<30} {'MB/s':>6} {'/ raw':>6} {'activation /':>13}")
+    raw, act = w["raw_all"], w["activation_all"]
+    for label, key in WIRE_ROWS:
+        runs = w[f"{key}_all"]
+        to_raw = statistics.median(x / r for x, r in zip(runs, raw))
+        act_to = statistics.median(a / x for a, x in zip(act, runs))
+        print(f"{label:<30} {statistics.median(runs):>6.0f} {to_raw:>6.2f} {act_to:>13.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=None)
@@ -319,13 +337,7 @@ def main() -> None:
                     "window": args.window or default_window(cfg)}
     if "wire" not in skip:
         result["wire"] = w = bench_wire(args.reps, args.wire_mb)
-        print(f"(a) wire: activation stream {w['activation_mb_s']:.0f} MB/s, raw gRPC bytes "
-              f"{w['raw_mb_s']:.0f} MB/s (ratio {w['ratio']:.2f}), raw bytes each copied "
-              f"from a tensor {w['raw_copy_mb_s']:.0f} MB/s (ratio {w['ratio_to_copy']:.2f}), "
-              f"raw copied bytes each answered {w['raw_acked_mb_s']:.0f} MB/s (ratio "
-              f"{w['ratio_to_acked']:.2f}; it is {w['acked_to_raw']:.2f} of raw), fedff frames "
-              f"without acks {w['frames_mb_s']:.0f} MB/s (ratio {w['ratio_to_frames']:.2f}; "
-              f"it is {w['frames_to_raw']:.2f} of raw)")
+        print_wire(w)
     with tempfile.TemporaryDirectory() as tmp:
         if "efficiency" not in skip:
             ds = load_dataset(args.dataset, args.data_dir, train_limit=args.train_limit,

@@ -170,6 +170,21 @@ def test_bench_link_names_an_unknown_profile_before_touching_the_network():
     assert "unknown --profiles 10gbit; choose from none, 1gbit" in run.stderr
 
 
+def test_bench_pipeline_prints_every_wire_stream_against_raw_and_the_activation_stream(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_pipeline
+
+    keys = [key for _, key in bench_pipeline.WIRE_ROWS]
+    runs = {f"{key}_all": [100.0 * (i + 1), 200.0 * (i + 1)] for i, key in enumerate(keys)}
+    bench_pipeline.print_wire({**runs, "batch": "test"})
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == len(keys)
+    for i, (row, (label, _)) in enumerate(zip(rows, bench_pipeline.WIRE_ROWS)):
+        mbs, to_raw, act_to = row[len(label):].split()
+        assert row.startswith(label) and float(mbs) == 150 * (i + 1)
+        assert float(to_raw) == i + 1 and float(act_to) == round(len(keys) / (i + 1), 2)
+
+
 def test_the_raw_streams_of_bench_pipeline_deliver_every_byte():
     """(a)'s baselines: the same bytes object again and again, each message copied from
     a tensor first, copied messages each answered, and fedff's frames without acks; the
