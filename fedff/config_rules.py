@@ -55,7 +55,6 @@ UNIT_INTERVAL = ("optim.momentum", "optim.beta2", "optim.dampening", "head.momen
                  "oneclass.nu", "oneclass.contamination")
 
 
-
 def validate(cfg: Config) -> Config:
     """Checks ranges and combinations; raises ConfigError naming the key and the fix."""
     def get(key: str) -> Any:

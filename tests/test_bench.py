@@ -175,8 +175,9 @@ def test_bench_pipeline_prints_every_wire_stream_against_raw_and_the_activation_
     import bench_pipeline
 
     keys = [key for _, key in bench_pipeline.WIRE_ROWS]
-    runs = {f"{key}_all": [100.0 * (i + 1), 200.0 * (i + 1)] for i, key in enumerate(keys)}
-    bench_pipeline.print_wire({**runs, "batch": "test"})
+    runs = {key: [100.0 * (i + 1), 200.0 * (i + 1)] for i, key in enumerate(keys)}
+    bench_pipeline.print_wire({"streams": bench_pipeline.wire_summary(runs),
+                               "raw_all": runs["raw"], "batch": "test"})
     rows = capsys.readouterr().out.splitlines()[2:]
     assert len(rows) == len(keys)
     for i, (row, (label, _)) in enumerate(zip(rows, bench_pipeline.WIRE_ROWS)):
